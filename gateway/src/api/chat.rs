@@ -1,0 +1,78 @@
+//! `POST /v1/chat/completions`: validate, route, call with failover, answer as JSON or SSE.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::json::ApiJson;
+use super::sse::{self, StreamLabels};
+use super::types::ChatCompletionRequest;
+use super::{respond, validate};
+use crate::error::ApiError;
+use crate::providers::ProviderApi;
+use crate::routing::failover;
+use crate::state::AppState;
+
+pub const ROUTE: &str = "/v1/chat/completions";
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Response {
+    let start = Instant::now();
+    let mut model = String::new();
+    let result = handle(&state, req, start, &mut model).await;
+    respond::finish(result, model)
+}
+
+async fn handle(
+    state: &AppState,
+    req: ChatCompletionRequest,
+    start: Instant,
+    model: &mut String,
+) -> Result<respond::Served, ApiError> {
+    validate::chat(&req)?;
+    let route = state.routes.resolve(&req.model)?;
+    model.clone_from(&route.name);
+    let req = &req;
+    if req.is_stream() {
+        let served = failover(&route, |t| async move {
+            t.provider.chat_stream(req, &t.target.model).await
+        })
+        .await?;
+        let labels = StreamLabels {
+            route: ROUTE,
+            model: route.name.clone(),
+            target: served.target.label.clone(),
+            start,
+        };
+        let resp = sse::respond(
+            state.clone(),
+            labels,
+            served.value,
+            req.wants_stream_usage(),
+        );
+        Ok(respond::Served::stream(
+            resp,
+            &served.target,
+            served.attempts,
+        ))
+    } else {
+        let served = failover(&route, |t| async move {
+            t.provider.chat(req, &t.target.model).await
+        })
+        .await?;
+        if let Some(u) = &served.value.usage {
+            state.metrics.tokens(
+                &route.name,
+                &served.target.label,
+                u.prompt_tokens,
+                u.completion_tokens,
+            );
+        }
+        let resp = Json(&served.value).into_response();
+        Ok(respond::Served::json(resp, &served.target, served.attempts))
+    }
+}

@@ -1,0 +1,259 @@
+//! `POST /v1/completions` (legacy text completions).
+//!
+//! OpenAI-compatible targets serve it natively. For providers without it (Anthropic,
+//! Gemini) the prompt becomes one user message of a chat request and the answer is
+//! turned back into `text_completion` objects, streamed or not. Only a single text
+//! prompt can be mapped; lists of prompts or token ids need a native target.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde_json::Map;
+
+use super::json::ApiJson;
+use super::sse::{self, StreamLabels};
+use super::types::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
+    CompletionChoice, CompletionRequest, CompletionResponse, MessageContent, Prompt, Role,
+};
+use super::{respond, validate};
+use crate::error::ApiError;
+use crate::providers::{CompletionStream, ProviderApi};
+use crate::routing::failover;
+use crate::state::AppState;
+
+pub const ROUTE: &str = "/v1/completions";
+
+pub async fn completions(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Response {
+    let start = Instant::now();
+    let mut model = String::new();
+    let result = handle(&state, req, start, &mut model).await;
+    respond::finish(result, model)
+}
+
+async fn handle(
+    state: &AppState,
+    req: CompletionRequest,
+    start: Instant,
+    model: &mut String,
+) -> Result<respond::Served, ApiError> {
+    validate::completion(&req)?;
+    let route = state.routes.resolve(&req.model)?;
+    model.clone_from(&route.name);
+    let needs_mapping = route
+        .targets
+        .iter()
+        .any(|t| !t.provider.capabilities().legacy_completions);
+    let chat_form = if needs_mapping {
+        Some(to_chat(&req)?)
+    } else {
+        None
+    };
+    let (req, chat_form) = (&req, &chat_form);
+    if req.is_stream() {
+        let served = failover(&route, |t| async move {
+            match (t.provider.capabilities().legacy_completions, chat_form) {
+                (false, Some(chat)) => {
+                    let s = t.provider.chat_stream(chat, &t.target.model).await?;
+                    Ok(chat_stream_to_completion(s))
+                }
+                _ => t.provider.completion_stream(req, &t.target.model).await,
+            }
+        })
+        .await?;
+        let labels = StreamLabels {
+            route: ROUTE,
+            model: route.name.clone(),
+            target: served.target.label.clone(),
+            start,
+        };
+        let resp = sse::respond(
+            state.clone(),
+            labels,
+            served.value,
+            req.wants_stream_usage(),
+        );
+        Ok(respond::Served::stream(
+            resp,
+            &served.target,
+            served.attempts,
+        ))
+    } else {
+        let served = failover(&route, |t| async move {
+            match (t.provider.capabilities().legacy_completions, chat_form) {
+                (false, Some(chat)) => t
+                    .provider
+                    .chat(chat, &t.target.model)
+                    .await
+                    .map(chat_to_completion),
+                _ => t.provider.completion(req, &t.target.model).await,
+            }
+        })
+        .await?;
+        if let Some(u) = &served.value.usage {
+            state.metrics.tokens(
+                &route.name,
+                &served.target.label,
+                u.prompt_tokens,
+                u.completion_tokens,
+            );
+        }
+        Ok(respond::Served::json(
+            Json(&served.value).into_response(),
+            &served.target,
+            served.attempts,
+        ))
+    }
+}
+
+/// The chat request equivalent to a single-prompt completion request.
+fn to_chat(req: &CompletionRequest) -> Result<ChatCompletionRequest, ApiError> {
+    let prompt = match &req.prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Texts(t) if t.len() == 1 => t[0].clone(),
+        _ => {
+            return Err(ApiError::Unsupported {
+                message: "This model serves legacy completions through chat, which takes a single text prompt; send one string as 'prompt'.".into(),
+            })
+        }
+    };
+    if req.echo == Some(true) || req.suffix.is_some() || req.logprobs.is_some() {
+        return Err(ApiError::Unsupported {
+            message:
+                "'echo', 'suffix' and 'logprobs' need a target with native legacy completions."
+                    .into(),
+        });
+    }
+    Ok(ChatCompletionRequest {
+        model: req.model.clone(),
+        messages: vec![ChatMessage {
+            role: Role::User,
+            content: Some(MessageContent::Text(prompt)),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            refusal: None,
+            extra: Map::new(),
+        }],
+        temperature: req.temperature,
+        top_p: req.top_p,
+        max_tokens: req.max_tokens,
+        max_completion_tokens: None,
+        n: req.n,
+        stop: req.stop.clone(),
+        stream: req.stream,
+        stream_options: req.stream_options.clone(),
+        seed: req.seed,
+        user: req.user.clone(),
+        tools: None,
+        tool_choice: None,
+        parallel_tool_calls: None,
+        response_format: None,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        logit_bias: req.logit_bias.clone(),
+        logprobs: None,
+        top_logprobs: None,
+        extra: Map::new(),
+    })
+}
+
+fn chat_to_completion(r: ChatCompletionResponse) -> CompletionResponse {
+    CompletionResponse {
+        id: r.id,
+        object: CompletionResponse::object(),
+        created: r.created,
+        model: r.model,
+        choices: r
+            .choices
+            .into_iter()
+            .map(|c| CompletionChoice {
+                index: c.index,
+                text: c.message.content.unwrap_or_default(),
+                logprobs: None,
+                finish_reason: c.finish_reason,
+            })
+            .collect(),
+        usage: r.usage,
+        system_fingerprint: r.system_fingerprint,
+        extra: Map::new(),
+    }
+}
+
+fn chunk_to_completion(c: ChatCompletionChunk) -> Option<CompletionResponse> {
+    let choices: Vec<_> = c
+        .choices
+        .into_iter()
+        .filter(|ch| ch.delta.content.is_some() || ch.finish_reason.is_some())
+        .map(|ch| CompletionChoice {
+            index: ch.index,
+            text: ch.delta.content.unwrap_or_default(),
+            logprobs: None,
+            finish_reason: ch.finish_reason,
+        })
+        .collect();
+    if choices.is_empty() && c.usage.is_none() {
+        return None;
+    }
+    Some(CompletionResponse {
+        id: c.id,
+        object: CompletionResponse::object(),
+        created: c.created,
+        model: c.model,
+        choices,
+        usage: c.usage,
+        system_fingerprint: c.system_fingerprint,
+        extra: Map::new(),
+    })
+}
+
+fn chat_stream_to_completion(s: crate::providers::ChunkStream) -> CompletionStream {
+    s.filter_map(|item| async move {
+        match item {
+            Ok(c) => chunk_to_completion(c).map(Ok),
+            Err(e) => Some(Err(e)),
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn single_prompts_map_to_chat_and_lists_do_not() {
+        let req: CompletionRequest = serde_json::from_value(json!({
+            "model": "m", "prompt": "Say hi", "max_tokens": 5, "stop": "\n"
+        }))
+        .unwrap();
+        let chat = to_chat(&req).unwrap();
+        assert_eq!(chat.messages[0].text(), "Say hi");
+        assert_eq!(chat.max_tokens, Some(5));
+        assert_eq!(chat.stop.unwrap().0, vec!["\n"]);
+        let req: CompletionRequest =
+            serde_json::from_value(json!({"model": "m", "prompt": ["a", "b"]})).unwrap();
+        assert_eq!(to_chat(&req).unwrap_err().code(), "unsupported_operation");
+    }
+
+    #[test]
+    fn chat_answers_become_text_completions() {
+        let r: ChatCompletionResponse = serde_json::from_value(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+        }))
+        .unwrap();
+        let c = serde_json::to_value(chat_to_completion(r)).unwrap();
+        assert_eq!(c["object"], "text_completion");
+        assert_eq!(c["choices"][0]["text"], "hi");
+        assert_eq!(c["usage"]["total_tokens"], 3);
+    }
+}

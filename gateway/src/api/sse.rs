@@ -1,0 +1,180 @@
+//! Writing streams to the client as server-sent events, and recording their outcome.
+//!
+//! Invariants:
+//! - A stream that completes ends with `data: [DONE]`; one that fails ends with a
+//!   `data: {"error":{...}}` event and no `[DONE]`, so no client mistakes a broken
+//!   answer for a whole one.
+//! - Usage-only chunks reach the client only if it asked (`stream_options.include_usage`);
+//!   usage is always recorded in metrics.
+//! - The outcome (ok, error code, or `client_closed`) is recorded exactly once, when the
+//!   stream ends or when the client goes away and the body is dropped.
+
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::types::{ChatCompletionChunk, CompletionResponse, Usage};
+use crate::error::ApiError;
+use crate::providers::UpstreamError;
+use crate::state::AppState;
+
+/// What the SSE writer needs to know about a streamed item.
+pub trait StreamItem: Serialize + Send + 'static {
+    fn usage(&self) -> Option<&Usage>;
+    /// True for the final chunk that carries only usage.
+    fn is_usage_only(&self) -> bool;
+    fn strip_usage(&mut self);
+}
+
+impl StreamItem for ChatCompletionChunk {
+    fn usage(&self) -> Option<&Usage> {
+        self.usage.as_ref()
+    }
+    fn is_usage_only(&self) -> bool {
+        self.choices.is_empty() && self.usage.is_some()
+    }
+    fn strip_usage(&mut self) {
+        self.usage = None;
+    }
+}
+
+impl StreamItem for CompletionResponse {
+    fn usage(&self) -> Option<&Usage> {
+        self.usage.as_ref()
+    }
+    fn is_usage_only(&self) -> bool {
+        self.choices.is_empty() && self.usage.is_some()
+    }
+    fn strip_usage(&mut self) {
+        self.usage = None;
+    }
+}
+
+/// Records a stream's outcome once, on completion or on drop.
+struct Outcome {
+    state: AppState,
+    route: &'static str,
+    model: String,
+    target: String,
+    start: Instant,
+    status: Option<String>,
+    usage: Option<Usage>,
+}
+
+impl Outcome {
+    fn set_usage(&mut self, u: &Usage) {
+        self.usage = Some(u.clone());
+    }
+
+    fn finish(&mut self, status: &str) {
+        self.status = Some(status.to_string());
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let status = self
+            .status
+            .take()
+            .unwrap_or_else(|| "client_closed".to_string());
+        if let Some(u) = &self.usage {
+            self.state.metrics.tokens(
+                &self.model,
+                &self.target,
+                u.prompt_tokens,
+                u.completion_tokens,
+            );
+        }
+        self.state.metrics.observe(
+            self.route,
+            &self.model,
+            &self.target,
+            &status,
+            self.start.elapsed().as_secs_f64(),
+        );
+        tracing::debug!(route = self.route, model = %self.model, target = %self.target, status, "stream ended");
+    }
+}
+
+/// Where a stream is going and where it came from, for the outcome record.
+pub struct StreamLabels {
+    pub route: &'static str,
+    pub model: String,
+    pub target: String,
+    pub start: Instant,
+}
+
+fn event<T: Serialize>(item: &T) -> Bytes {
+    match serde_json::to_vec(item) {
+        Ok(json) => {
+            let mut buf = Vec::with_capacity(json.len() + 8);
+            buf.extend_from_slice(b"data: ");
+            buf.extend_from_slice(&json);
+            buf.extend_from_slice(b"\n\n");
+            Bytes::from(buf)
+        }
+        Err(e) => {
+            let err = ApiError::Internal(format!("cannot serialize a stream event: {e}"));
+            event(&err.body())
+        }
+    }
+}
+
+/// Turns a provider stream into an SSE response body.
+pub fn respond<T: StreamItem>(
+    state: AppState,
+    labels: StreamLabels,
+    mut stream: BoxStream<'static, Result<T, UpstreamError>>,
+    include_usage: bool,
+) -> Response {
+    let mut outcome = Outcome {
+        state,
+        route: labels.route,
+        model: labels.model,
+        target: labels.target,
+        start: labels.start,
+        status: None,
+        usage: None,
+    };
+    let body = async_stream::stream! {
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(mut chunk) => {
+                    if let Some(u) = chunk.usage() {
+                        outcome.set_usage(u);
+                    }
+                    if !include_usage {
+                        if chunk.is_usage_only() {
+                            continue;
+                        }
+                        chunk.strip_usage();
+                    }
+                    yield Ok::<Bytes, std::convert::Infallible>(event(&chunk));
+                }
+                Err(e) => {
+                    let err = ApiError::Upstream(e);
+                    tracing::warn!(code = err.code(), error = %err, "stream failed after it started");
+                    outcome.finish(err.code());
+                    yield Ok(event(&err.body()));
+                    return;
+                }
+            }
+        }
+        outcome.finish("200");
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+    };
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}

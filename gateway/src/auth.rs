@@ -1,0 +1,111 @@
+//! Authentication: every route needs a bearer key unless it is on the open list.
+//!
+//! Until full key management lands, the one accepted key is the master key (from
+//! `server.master_key_env`, or generated at first start into `<data_dir>/master.key`).
+//! Invariants: only a SHA-256 digest of the key is held in memory; comparison is
+//! constant-time; the open list is explicit ([`is_open`]); a refusal never says which
+//! part of the key was wrong.
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The digest of the accepted key.
+#[derive(Clone)]
+pub struct MasterKey {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+impl MasterKey {
+    pub fn new(key: &str) -> Self {
+        MasterKey {
+            digest: Sha256::digest(key.as_bytes()).into(),
+        }
+    }
+
+    pub fn matches(&self, presented: &str) -> bool {
+        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        d.ct_eq(&self.digest).into()
+    }
+}
+
+/// Routes reachable without a key.
+pub fn is_open(path: &str, metrics_open: bool) -> bool {
+    matches!(path, "/health" | "/ready") || (metrics_open && path == "/metrics")
+}
+
+/// The bearer token of a request, if it sent one.
+fn bearer(req: &Request) -> Option<&str> {
+    let v = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Middleware wrapping the whole router, fallback included.
+pub async fn authenticate(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if is_open(req.uri().path(), state.config.server.metrics_open) {
+        return Ok(next.run(req).await);
+    }
+    match bearer(&req) {
+        None => Err(ApiError::Unauthorized {
+            message: "Missing API key: send it as `Authorization: Bearer <key>`.".into(),
+        }),
+        Some(k) if state.master_key.matches(k) => Ok(next.run(req).await),
+        Some(_) => Err(ApiError::Unauthorized {
+            message: "Incorrect API key provided.".into(),
+        }),
+    }
+}
+
+/// A new random key for first start: `sk-airlock-` and 256 bits in hex.
+pub fn generate_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("sk-airlock-{}", hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_only_exactly() {
+        let k = MasterKey::new("sk-airlock-abc");
+        assert!(k.matches("sk-airlock-abc"));
+        assert!(!k.matches("sk-airlock-abd"));
+        assert!(!k.matches(""));
+        assert!(!format!("{k:?}").contains("abc"));
+    }
+
+    #[test]
+    fn open_list_is_explicit() {
+        assert!(is_open("/health", false));
+        assert!(is_open("/ready", false));
+        assert!(!is_open("/metrics", false));
+        assert!(is_open("/metrics", true));
+        assert!(!is_open("/v1/models", true));
+        assert!(!is_open("/health/", false));
+    }
+
+    #[test]
+    fn generated_keys_are_long_and_distinct() {
+        let a = generate_key();
+        assert_eq!(a.len(), "sk-airlock-".len() + 64);
+        assert_ne!(a, generate_key());
+    }
+}

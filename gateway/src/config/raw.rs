@@ -1,0 +1,71 @@
+//! Phase one of config parsing: the TOML file exactly as written.
+//!
+//! Every struct denies unknown keys and every field is optional, so a typo is an error
+//! naming the key and a missing key is resolved to a default in phase two
+//! ([`super::Config::from_raw`]). Nothing here is interpreted.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: Option<RawServer>,
+    pub upstream: Option<RawUpstream>,
+    pub providers: Option<Vec<RawProvider>>,
+    pub models: Option<Vec<RawModel>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub data_dir: Option<String>,
+    pub master_key_env: Option<String>,
+    pub max_body_bytes: Option<u64>,
+    pub max_connections: Option<u64>,
+    /// Seconds.
+    pub header_read_timeout: Option<f64>,
+    /// Seconds.
+    pub body_read_timeout: Option<f64>,
+    /// Seconds.
+    pub shutdown_grace: Option<f64>,
+    pub metrics_open: Option<bool>,
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Seconds.
+    pub connect_timeout: Option<f64>,
+    /// Seconds.
+    pub first_byte_timeout: Option<f64>,
+    /// Seconds.
+    pub timeout: Option<f64>,
+    pub pool_max_idle_per_host: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Seconds.
+    pub timeout: Option<f64>,
+    /// Seconds.
+    pub first_byte_timeout: Option<f64>,
+    /// Anthropic only: the `anthropic-version` header.
+    pub api_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub name: Option<String>,
+    pub targets: Option<Vec<String>>,
+}

@@ -1,0 +1,276 @@
+//! The one shared upstream HTTP client and the helpers every adapter sends through.
+//!
+//! Invariants:
+//! - [`build_client`] is the only place a `reqwest::Client` is built (enforced by
+//!   clippy's `disallowed-methods`), so connection pooling and the connect timeout hold
+//!   for every provider.
+//! - Each call has a first-byte deadline (until response headers arrive) and a total
+//!   deadline (until the body, or the whole stream, is read).
+//! - A non-2xx answer becomes an [`UpstreamError`] classified by status, carrying the
+//!   provider's own message and any `Retry-After` hint; the body read is bounded.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::{Event, Eventsource};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::de::DeserializeOwned;
+
+use super::{UpstreamError, UpstreamErrorKind};
+use crate::config::{ProviderConfig, UpstreamDefaults};
+
+/// Largest error body read from an upstream, to keep a hostile upstream from costing memory.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Builds the process-wide upstream client. Clone it: clones share the pool.
+#[allow(clippy::disallowed_methods)]
+pub fn build_client(defaults: &UpstreamDefaults) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(defaults.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(defaults.pool_max_idle_per_host)
+        .tcp_nodelay(true)
+        .user_agent(concat!("airlock/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))
+}
+
+/// Everything an adapter needs to call its provider.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub name: String,
+    /// Base URL without a trailing slash.
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub headers: HeaderMap,
+    pub client: reqwest::Client,
+    pub first_byte_timeout: Duration,
+    pub timeout: Duration,
+}
+
+impl UpstreamSettings {
+    pub fn from_config(cfg: &ProviderConfig, client: reqwest::Client) -> Self {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                headers.insert(k, v);
+            }
+        }
+        UpstreamSettings {
+            name: cfg.name.clone(),
+            base_url: cfg.base_url.trim_end_matches('/').to_string(),
+            api_key: cfg.api_key.clone(),
+            headers,
+            client,
+            first_byte_timeout: cfg.first_byte_timeout,
+            timeout: cfg.timeout,
+        }
+    }
+
+    /// `base_url` joined with `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
+    /// A POST with the configured extra headers and the total deadline applied.
+    pub fn post(&self, url: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(url)
+            .headers(self.headers.clone())
+            .timeout(self.timeout)
+    }
+
+    /// Sends and waits for the response head within the first-byte deadline. A non-2xx
+    /// status becomes an error built from the body.
+    pub async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let resp = match tokio::time::timeout(self.first_byte_timeout, req.send()).await {
+            Err(_) => {
+                return Err(UpstreamError::new(
+                    UpstreamErrorKind::Timeout,
+                    &self.name,
+                    format!("no response within {:?}", self.first_byte_timeout),
+                ))
+            }
+            Ok(Err(e)) => return Err(self.transport_error(&e)),
+            Ok(Ok(resp)) => resp,
+        };
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(self.status_error(resp).await)
+    }
+
+    /// Sends a JSON body and parses a JSON answer.
+    pub async fn call_json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, UpstreamError> {
+        let resp = self.send(req).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
+        self.parse(&bytes)
+    }
+
+    /// Parses a provider's JSON body, naming the path of the first bad field.
+    pub fn parse<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, UpstreamError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            UpstreamError::new(
+                UpstreamErrorKind::InvalidResponse,
+                &self.name,
+                format!("unparseable response at `{}`: {}", e.path(), e.inner()),
+            )
+        })
+    }
+
+    /// Decodes an SSE response into events; transport errors become stream errors.
+    pub fn events(
+        &self,
+        resp: reqwest::Response,
+    ) -> BoxStream<'static, Result<Event, UpstreamError>> {
+        let name = self.name.clone();
+        resp.bytes_stream()
+            .eventsource()
+            .map(move |r| {
+                r.map_err(|e| {
+                    UpstreamError::new(
+                        UpstreamErrorKind::StreamInterrupted,
+                        &name,
+                        format!("stream broke off: {e}"),
+                    )
+                })
+            })
+            .boxed()
+    }
+
+    pub fn transport_error(&self, e: &reqwest::Error) -> UpstreamError {
+        let kind = if e.is_timeout() {
+            UpstreamErrorKind::Timeout
+        } else if e.is_connect() {
+            UpstreamErrorKind::Connect
+        } else if e.is_decode() {
+            UpstreamErrorKind::InvalidResponse
+        } else {
+            UpstreamErrorKind::Server
+        };
+        // reqwest's Display can include the URL; our URLs carry no secrets (keys go in
+        // headers, Gemini's in `x-goog-api-key`), so it is safe to log.
+        UpstreamError::new(kind, &self.name, error_chain(e))
+    }
+
+    async fn status_error(&self, resp: reqwest::Response) -> UpstreamError {
+        let status = resp.status().as_u16();
+        let retry_after = retry_after(resp.headers());
+        let body = read_bounded(resp).await;
+        let kind = match status {
+            429 => UpstreamErrorKind::RateLimited,
+            401 | 403 => UpstreamErrorKind::Auth,
+            400..=499 => UpstreamErrorKind::BadRequest,
+            _ => UpstreamErrorKind::Server,
+        };
+        let mut err = UpstreamError::new(kind, &self.name, error_message(&body, status));
+        err.status = Some(status);
+        err.retry_after = retry_after;
+        err
+    }
+}
+
+async fn read_bounded(mut resp: reqwest::Response) -> Bytes {
+    let mut buf = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = MAX_ERROR_BODY.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    Bytes::from(buf)
+}
+
+/// The provider's own error message: `error.message` in OpenAI, Anthropic and Gemini
+/// bodies (Gemini sometimes wraps it in an array), else the start of the body.
+pub fn error_message(body: &[u8], status: u16) -> String {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        let obj = if v.is_array() { &v[0] } else { &v };
+        if let Some(m) = obj["error"]["message"].as_str() {
+            return m.to_string();
+        }
+        if let Some(m) = obj["error"].as_str() {
+            return m.to_string();
+        }
+        if let Some(m) = obj["message"].as_str() {
+            return m.to_string();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        let cut: String = text.chars().take(300).collect();
+        format!("HTTP {status}: {cut}")
+    }
+}
+
+/// `retry-after-ms` (OpenAI) or `retry-after` in seconds.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_millis(ms as u64));
+        }
+    }
+    get("retry-after")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_from_each_provider_shape() {
+        let openai =
+            br#"{"error":{"message":"Invalid 'temperature'","type":"invalid_request_error"}}"#;
+        assert_eq!(error_message(openai, 400), "Invalid 'temperature'");
+        let anthropic =
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: required"}}"#;
+        assert_eq!(error_message(anthropic, 400), "max_tokens: required");
+        let gemini = br#"[{"error":{"code":400,"message":"API key not valid","status":"INVALID_ARGUMENT"}}]"#;
+        assert_eq!(error_message(gemini, 400), "API key not valid");
+        assert_eq!(error_message(b"", 502), "HTTP 502");
+        assert_eq!(error_message(b"Bad Gateway", 502), "HTTP 502: Bad Gateway");
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+}

@@ -1,0 +1,42 @@
+//! Shared application state: a cheap clone handed to every handler.
+//!
+//! Invariant: built once at start from a validated [`Config`]; everything inside is
+//! immutable or internally synchronized, so handlers never lock it.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::auth::MasterKey;
+use crate::config::Config;
+use crate::routing::Routes;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    pub config: Config,
+    pub routes: Routes,
+    pub metrics: Metrics,
+    pub store: Store,
+    pub master_key: MasterKey,
+    pub started: Instant,
+    /// Start time in Unix seconds, reported as `created` of configured models.
+    pub started_unix: i64,
+}
+
+impl AppState {
+    pub fn new(inner: Inner) -> Self {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}

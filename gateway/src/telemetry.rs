@@ -1,0 +1,205 @@
+//! Metrics (Prometheus text format) and logs (tracing).
+//!
+//! Invariants: label values come only from configuration (route, configured model and
+//! target names, status class), never from raw client input, so cardinality stays
+//! bounded: a model name the gateway does not know is recorded as `unknown`. Secrets
+//! never reach a label or a log field.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::config::LogFormat;
+use crate::state::AppState;
+
+/// Latency buckets in seconds: fine near a millisecond (gateway overhead) up to minutes
+/// (long generations).
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    tokens: IntCounterVec,
+    in_flight: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let labels = &["route", "model", "target", "status"];
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "airlock_requests_total",
+                "Requests answered, by route, model, target and status",
+            ),
+            labels,
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "airlock_request_duration_seconds",
+                "Time from request to the last byte of the response (streams included)",
+            )
+            .buckets(BUCKETS.to_vec()),
+            labels,
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "airlock_tokens_total",
+                "Tokens reported by upstreams, by kind (prompt or completion)",
+            ),
+            &["model", "target", "kind"],
+        )?;
+        let in_flight = IntGauge::new("airlock_requests_in_flight", "Requests being served now")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            tokens,
+            in_flight,
+        })
+    }
+
+    pub fn observe(&self, route: &str, model: &str, target: &str, status: &str, seconds: f64) {
+        let l = [route, model, target, status];
+        self.requests.with_label_values(&l).inc();
+        self.duration.with_label_values(&l).observe(seconds);
+    }
+
+    pub fn tokens(&self, model: &str, target: &str, prompt: u64, completion: u64) {
+        self.tokens
+            .with_label_values(&[model, target, "prompt"])
+            .inc_by(prompt);
+        self.tokens
+            .with_label_values(&[model, target, "completion"])
+            .inc_by(completion);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding to a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// What a handler learned about a request, for the access log and metrics. Handlers
+/// put it in the response extensions; streaming handlers set `deferred` and record the
+/// outcome themselves when the stream ends.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    pub model: String,
+    pub target: String,
+    pub deferred: bool,
+}
+
+/// Outermost handler-side layer: in-flight gauge, access log line, metrics.
+pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let request_id = req
+        .headers()
+        .get(crate::api::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    state.metrics.in_flight.inc();
+    let resp = next.run(req).await;
+    state.metrics.in_flight.dec();
+    let info = resp
+        .extensions()
+        .get::<RequestInfo>()
+        .cloned()
+        .unwrap_or_default();
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    tracing::info!(
+        target: "airlock::access",
+        %method, path, status, request_id,
+        model = info.model, upstream = info.target,
+        ms = elapsed.as_secs_f64() * 1000.0,
+        streamed = info.deferred,
+        "request"
+    );
+    if !info.deferred {
+        state.metrics.observe(
+            &route,
+            label(&info.model),
+            label(&info.target),
+            &status.to_string(),
+            elapsed.as_secs_f64(),
+        );
+    }
+    resp
+}
+
+fn label(s: &str) -> &str {
+    if s.is_empty() {
+        "none"
+    } else {
+        s
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics_handler(State(state): State<AppState>) -> Response {
+    let mut resp = state.metrics.render().into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// Installs the global tracing subscriber (stderr; `RUST_LOG` filters, default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let m = Metrics::new().unwrap();
+        m.observe("/v1/chat/completions", "gpt", "oai/gpt", "200", 0.01);
+        m.tokens("gpt", "oai/gpt", 5, 7);
+        let text = m.render();
+        assert!(text.contains(
+            "airlock_requests_total{model=\"gpt\",route=\"/v1/chat/completions\",status=\"200\",target=\"oai/gpt\"} 1"
+        ), "{text}");
+        assert!(text.contains(
+            "airlock_tokens_total{kind=\"completion\",model=\"gpt\",target=\"oai/gpt\"} 7"
+        ));
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: creates the Python virtualenv for the
+# official-SDK tests, builds the airlock binary the end-to-end tests start, and runs
+# every test in the workspace. Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+# The e2e tests start the real binary from target/debug.
+cargo build --locked -p airlock --bin airlock
+cargo test --locked --workspace
