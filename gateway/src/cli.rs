@@ -6,17 +6,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::{generate_key, MasterKey};
+use crate::auth::generate_key;
 use crate::config::{Config, ConfigError, ProcessEnv, SecretPolicy};
-use crate::providers::http::build_client;
-use crate::routing::Routes;
-use crate::state::{AppState, Inner};
+use crate::state::AppState;
 use crate::store::Store;
-use crate::telemetry::{init_logging, Metrics};
+use crate::telemetry::init_logging;
 
 pub const EXIT_CONFIG: u8 = 64;
 pub const EXIT_IO: u8 = 74;
@@ -183,20 +180,6 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_IO);
         }
     };
-    let client = match build_client(&cfg.upstream) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let metrics = match Metrics::new() {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("error: cannot set up metrics: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let listener = match tokio::net::TcpListener::bind(cfg.server.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -211,7 +194,6 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let routes = Routes::new(&cfg, &client);
     tracing::info!(
         %addr,
         config = %cfg.source.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded defaults".into()),
@@ -220,15 +202,13 @@ async fn run(cfg: Config) -> ExitCode {
         data_dir = %cfg.server.data_dir.display(),
         "airlock started"
     );
-    let state = AppState::new(Inner {
-        routes,
-        metrics,
-        store,
-        master_key: MasterKey::new(&key),
-        started: Instant::now(),
-        started_unix: crate::api::types::unix_now(),
-        config: cfg,
-    });
+    let state = match AppState::build(cfg, store, &key) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // The one line on stdout: tests and scripts read the bound address from it.
     println!("airlock listening on http://{addr}");
     let _ = std::io::stdout().flush();

@@ -7,8 +7,10 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::api::types::unix_now;
 use crate::auth::MasterKey;
 use crate::config::Config;
+use crate::providers::http::build_client;
 use crate::routing::Routes;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -31,6 +33,21 @@ pub struct Inner {
 impl AppState {
     pub fn new(inner: Inner) -> Self {
         AppState(Arc::new(inner))
+    }
+
+    /// Builds the state from a validated config, an open store and the master key.
+    pub fn build(config: Config, store: Store, master_key: &str) -> Result<AppState, String> {
+        let client = build_client(&config.upstream)?;
+        let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;
+        Ok(AppState::new(Inner {
+            routes: Routes::new(&config, &client),
+            metrics,
+            store,
+            master_key: MasterKey::new(master_key),
+            started: Instant::now(),
+            started_unix: unix_now(),
+            config,
+        }))
     }
 }
 

@@ -19,7 +19,10 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::de::DeserializeOwned;
 
 use super::{UpstreamError, UpstreamErrorKind};
-use crate::config::{ProviderConfig, UpstreamDefaults};
+use crate::config::{ProviderConfig, ProviderKind, UpstreamDefaults};
+
+/// The Anthropic API version sent when config names none.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Largest error body read from an upstream, to keep a hostile upstream from costing memory.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -53,6 +56,12 @@ pub struct UpstreamSettings {
 impl UpstreamSettings {
     pub fn from_config(cfg: &ProviderConfig, client: reqwest::Client) -> Self {
         let mut headers = HeaderMap::new();
+        if cfg.kind == ProviderKind::Anthropic {
+            let version = cfg.api_version.as_deref().unwrap_or(ANTHROPIC_VERSION);
+            if let Ok(v) = HeaderValue::from_str(version) {
+                headers.insert("anthropic-version", v);
+            }
+        }
         for (k, v) in &cfg.headers {
             if let (Ok(k), Ok(v)) = (
                 HeaderName::from_bytes(k.as_bytes()),
