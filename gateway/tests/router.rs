@@ -97,7 +97,13 @@ fn get(path: &str) -> Request<Body> {
 }
 
 /// Name, request, expected status, code and param.
-type Case = (&'static str, Request<Body>, u16, &'static str, Option<&'static str>);
+type Case = (
+    &'static str,
+    Request<Body>,
+    u16,
+    &'static str,
+    Option<&'static str>,
+);
 
 #[tokio::test]
 async fn every_client_mistake_gets_its_status_and_code() {
