@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, TargetRef};
 use crate::error::ApiError;
@@ -103,8 +104,16 @@ impl Routes {
 #[derive(Debug)]
 pub struct Served<T> {
     pub value: T,
+    pub by: ServedBy,
+}
+
+/// Which target answered, after how many attempts, and how long the gateway waited on
+/// upstreams in all (for streams: until the response head), so the rest is overhead.
+#[derive(Debug, Clone)]
+pub struct ServedBy {
     pub target: Target,
     pub attempts: u32,
+    pub upstream: Duration,
 }
 
 /// Tries each target in order until one succeeds or a non-retryable error occurs.
@@ -114,15 +123,22 @@ where
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
     let mut attempts = 0;
+    let mut upstream = Duration::ZERO;
     let mut last: Option<UpstreamError> = None;
     for target in &route.targets {
         attempts += 1;
-        match call(target.clone()).await {
+        let started = Instant::now();
+        let result = call(target.clone()).await;
+        upstream += started.elapsed();
+        match result {
             Ok(value) => {
                 return Ok(Served {
                     value,
-                    target: target.clone(),
-                    attempts,
+                    by: ServedBy {
+                        target: target.clone(),
+                        attempts,
+                        upstream,
+                    },
                 })
             }
             Err(e) => {
@@ -201,7 +217,8 @@ targets = ["a/gpt-4o", "b/claude-sonnet-4-5"]
         .await
         .unwrap();
         assert_eq!(served.value, "b/claude-sonnet-4-5");
-        assert_eq!(served.attempts, 2);
+        assert_eq!(served.by.attempts, 2);
+        assert_eq!(served.by.target.label, "b/claude-sonnet-4-5");
 
         let mut calls = 0;
         let err = failover(&route, |_| {

@@ -24,7 +24,7 @@ pub async fn chat_completions(
     let start = Instant::now();
     let mut model = String::new();
     let result = handle(&state, req, start, &mut model).await;
-    respond::finish(result, model)
+    respond::finish(result, model, start)
 }
 
 async fn handle(
@@ -45,7 +45,7 @@ async fn handle(
         let labels = StreamLabels {
             route: ROUTE,
             model: route.name.clone(),
-            target: served.target.label.clone(),
+            target: served.by.target.label.clone(),
             start,
         };
         let resp = sse::respond(
@@ -54,11 +54,7 @@ async fn handle(
             served.value,
             req.wants_stream_usage(),
         );
-        Ok(respond::Served::stream(
-            resp,
-            &served.target,
-            served.attempts,
-        ))
+        Ok(respond::Served::stream(resp, served.by))
     } else {
         let served = failover(&route, |t| async move {
             t.provider.chat(req, &t.target.model).await
@@ -67,12 +63,12 @@ async fn handle(
         if let Some(u) = &served.value.usage {
             state.metrics.tokens(
                 &route.name,
-                &served.target.label,
+                &served.by.target.label,
                 u.prompt_tokens,
                 u.completion_tokens,
             );
         }
         let resp = Json(&served.value).into_response();
-        Ok(respond::Served::json(resp, &served.target, served.attempts))
+        Ok(respond::Served::json(resp, served.by))
     }
 }

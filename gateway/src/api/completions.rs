@@ -34,7 +34,7 @@ pub async fn completions(
     let start = Instant::now();
     let mut model = String::new();
     let result = handle(&state, req, start, &mut model).await;
-    respond::finish(result, model)
+    respond::finish(result, model, start)
 }
 
 async fn handle(
@@ -70,7 +70,7 @@ async fn handle(
         let labels = StreamLabels {
             route: ROUTE,
             model: route.name.clone(),
-            target: served.target.label.clone(),
+            target: served.by.target.label.clone(),
             start,
         };
         let resp = sse::respond(
@@ -79,11 +79,7 @@ async fn handle(
             served.value,
             req.wants_stream_usage(),
         );
-        Ok(respond::Served::stream(
-            resp,
-            &served.target,
-            served.attempts,
-        ))
+        Ok(respond::Served::stream(resp, served.by))
     } else {
         let served = failover(&route, |t| async move {
             match (t.provider.capabilities().legacy_completions, chat_form) {
@@ -99,15 +95,14 @@ async fn handle(
         if let Some(u) = &served.value.usage {
             state.metrics.tokens(
                 &route.name,
-                &served.target.label,
+                &served.by.target.label,
                 u.prompt_tokens,
                 u.completion_tokens,
             );
         }
         Ok(respond::Served::json(
             Json(&served.value).into_response(),
-            &served.target,
-            served.attempts,
+            served.by,
         ))
     }
 }

@@ -18,9 +18,10 @@ pub async fn embeddings(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Response {
+    let start = std::time::Instant::now();
     let mut model = String::new();
     let result = handle(&state, req, &mut model).await;
-    respond::finish(result, model)
+    respond::finish(result, model, start)
 }
 
 async fn handle(
@@ -54,20 +55,19 @@ async fn handle(
         d.embedding = v.into_format(format).map_err(|m| {
             ApiError::Upstream(UpstreamError::new(
                 UpstreamErrorKind::InvalidResponse,
-                &served.target.target.provider,
+                &served.by.target.target.provider,
                 m,
             ))
         })?;
     }
     state.metrics.tokens(
         &route.name,
-        &served.target.label,
+        &served.by.target.label,
         body.usage.prompt_tokens,
         0,
     );
     Ok(respond::Served::json(
         Json(&body).into_response(),
-        &served.target,
-        served.attempts,
+        served.by,
     ))
 }

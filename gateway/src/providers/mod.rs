@@ -9,8 +9,9 @@
 //! - A stream always ends in one of two ways: the adapter saw the provider's own end
 //!   marker and the stream ends cleanly, or it yields an [`UpstreamError`] of kind
 //!   [`UpstreamErrorKind::StreamInterrupted`] (or the provider's error) as its last item.
-//! - Every stream yields a final usage chunk (empty `choices`, `usage` set) whenever the
-//!   provider reported usage; the API layer decides whether the client sees it.
+//! - A stream that ends cleanly yields a final usage chunk (empty `choices`, `usage` set)
+//!   whenever the provider reported usage; the API layer decides whether the client
+//!   sees it.
 
 pub mod anthropic;
 pub mod gemini;
