@@ -15,6 +15,40 @@ use serde_json::json;
 
 use crate::providers::{UpstreamError, UpstreamErrorKind};
 
+/// Why a route produced no answer: the attempts made and the last upstream error.
+#[derive(Debug)]
+pub struct RouteFailure {
+    pub model: String,
+    pub attempts: u32,
+    /// One line per candidate tried or skipped, in order.
+    pub log: Vec<String>,
+    pub last: Option<UpstreamError>,
+    /// Nothing was sent because the request fits no candidate's context window.
+    pub context_exceeded: bool,
+    /// Every candidate was skipped because it is cooling down after a 429.
+    pub rate_limited: bool,
+    /// When the first unavailable candidate may take requests again.
+    pub retry_after: Option<std::time::Duration>,
+}
+
+impl RouteFailure {
+    pub fn summary(&self) -> String {
+        let head = match (&self.last, self.context_exceeded) {
+            (Some(e), _) => e.public_message(),
+            (None, true) => format!(
+                "The request does not fit the context window of any target of `{}`.",
+                self.model
+            ),
+            (None, false) if self.rate_limited => format!(
+                "Every target of `{}` is rate limited; retry after the Retry-After delay.",
+                self.model
+            ),
+            (None, false) => format!("No target of `{}` can take requests now.", self.model),
+        };
+        format!("{head} Attempts: {}.", self.log.join("; "))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The request is malformed or breaks a documented bound.
@@ -41,6 +75,9 @@ pub enum ApiError {
     Unsupported { message: String },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// Every candidate of a route failed or was unavailable.
+    #[error("{}", .0.summary())]
+    RouteFailed(Box<RouteFailure>),
     /// A bug or an environment failure inside Airlock; the detail is logged only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -66,6 +103,12 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream(e) => e.client_status(),
+            ApiError::RouteFailed(f) => match (&f.last, f.context_exceeded) {
+                (Some(e), _) => e.client_status(),
+                (None, true) => StatusCode::BAD_REQUEST,
+                (None, false) if f.rate_limited => StatusCode::TOO_MANY_REQUESTS,
+                (None, false) => StatusCode::SERVICE_UNAVAILABLE,
+            },
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,18 +125,35 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Unsupported { .. } => "unsupported_operation",
             ApiError::Upstream(e) => e.code(),
+            ApiError::RouteFailed(f) => match (&f.last, f.context_exceeded) {
+                (Some(e), _) => e.code(),
+                (None, true) => "context_length_exceeded",
+                (None, false) if f.rate_limited => "upstream_rate_limited",
+                (None, false) => "no_healthy_target",
+            },
             ApiError::Internal(_) => "internal_error",
         }
     }
 
     fn error_type(&self) -> &'static str {
+        let upstream = match self {
+            ApiError::Upstream(e) => Some(e.kind),
+            ApiError::RouteFailed(f) => f.last.as_ref().map(|e| e.kind),
+            _ => None,
+        };
         match self {
             ApiError::Unauthorized { .. } => "authentication_error",
-            ApiError::Upstream(e) if e.kind == UpstreamErrorKind::RateLimited => "rate_limit_error",
-            ApiError::Upstream(e) if e.kind == UpstreamErrorKind::BadRequest => {
-                "invalid_request_error"
-            }
-            ApiError::Upstream(_) => "upstream_error",
+            ApiError::RouteFailed(f) if f.context_exceeded => "invalid_request_error",
+            ApiError::RouteFailed(f) if f.rate_limited => "rate_limit_error",
+            ApiError::Upstream(_) | ApiError::RouteFailed(_) => match upstream {
+                Some(UpstreamErrorKind::RateLimited) => "rate_limit_error",
+                Some(
+                    UpstreamErrorKind::BadRequest
+                    | UpstreamErrorKind::ContextWindowExceeded
+                    | UpstreamErrorKind::ContentPolicy,
+                ) => "invalid_request_error",
+                _ => "upstream_error",
+            },
             ApiError::Internal(_) => "server_error",
             _ => "invalid_request_error",
         }
@@ -114,6 +174,7 @@ impl ApiError {
                 "The server had an error while processing your request.".into()
             }
             ApiError::Upstream(e) => e.public_message(),
+            ApiError::RouteFailed(f) => f.summary(),
             other => other.to_string(),
         }
     }
@@ -140,11 +201,16 @@ impl IntoResponse for ApiError {
             tracing::error!(detail = %detail, "internal error");
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
-        if let ApiError::Upstream(UpstreamError {
-            retry_after: Some(d),
-            ..
-        }) = &self
-        {
+        let retry_after = match &self {
+            ApiError::Upstream(e) => e.retry_after,
+            ApiError::RouteFailed(f) => f
+                .last
+                .as_ref()
+                .and_then(|e| e.retry_after)
+                .or(f.retry_after),
+            _ => None,
+        };
+        if let Some(d) = retry_after {
             let secs = d.as_secs().max(1).to_string();
             if let Ok(v) = HeaderValue::from_str(&secs) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);

@@ -11,6 +11,7 @@ use crate::api::types::unix_now;
 use crate::auth::MasterKey;
 use crate::config::Config;
 use crate::providers::http::build_client;
+use crate::routing::catalog::Catalog;
 use crate::routing::Routes;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -38,9 +39,11 @@ impl AppState {
     /// Builds the state from a validated config, an open store and the master key.
     pub fn build(config: Config, store: Store, master_key: &str) -> Result<AppState, String> {
         let client = build_client(&config.upstream)?;
+        let mut catalog = Catalog::builtin()?;
+        catalog.apply(&config.catalog)?;
         let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;
         Ok(AppState::new(Inner {
-            routes: Routes::new(&config, &client),
+            routes: Routes::new(&config, &client, catalog),
             metrics,
             store,
             master_key: MasterKey::new(master_key),

@@ -346,11 +346,17 @@ async fn models_are_listed_and_retrieved_with_slashes_in_ids() {
         [
             "gpt",
             "sonnet",
-            "oai/gpt-4o-mini",
-            "claude/claude-sonnet-4-5"
+            "claude/claude-sonnet-4-5",
+            "oai/gpt-4o-mini"
         ]
     );
-    assert_eq!(r.body["data"][0]["targets"], json!(["oai/gpt-4o-mini"]));
+    assert_eq!(r.body["data"][0]["strategy"], "priority");
+    assert_eq!(r.body["data"][0]["targets"][0]["target"], "oai/gpt-4o-mini");
+    assert_eq!(r.body["data"][0]["targets"][0]["circuit"], "closed");
+    assert_eq!(r.body["data"][3]["pricing"]["input_per_mtok"], json!(0.15));
+    assert_eq!(r.body["data"][3]["context_window"], json!(128000));
+    assert_eq!(r.body["data"][3]["capabilities"]["tools"], json!(true));
+    assert_eq!(r.body["data"][3]["availability"]["circuit"], "closed");
     let r = call(&app, get("/v1/models/oai/gpt-4o-mini")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["id"], "oai/gpt-4o-mini");

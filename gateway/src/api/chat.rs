@@ -12,7 +12,8 @@ use super::types::ChatCompletionRequest;
 use super::{respond, validate};
 use crate::error::ApiError;
 use crate::providers::ProviderApi;
-use crate::routing::failover;
+use crate::routing::catalog::estimate_chat_tokens;
+use crate::routing::execute::{self, RequestFacts};
 use crate::state::AppState;
 
 pub const ROUTE: &str = "/v1/chat/completions";
@@ -33,12 +34,21 @@ async fn handle(
     start: Instant,
     model: &mut String,
 ) -> Result<respond::Served, ApiError> {
+    let mut req = req;
     validate::chat(&req)?;
+    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes)?;
     let route = state.routes.resolve(&req.model)?;
     model.clone_from(&route.name);
+    let facts = RequestFacts {
+        prompt_tokens: estimate_chat_tokens(&req),
+        output_cap: req.max_output_tokens().map(u64::from),
+        stream: req.is_stream(),
+        fallbacks,
+    };
     let req = &req;
+    let routes = &state.routes;
     if req.is_stream() {
-        let served = failover(&route, |t| async move {
+        let served = execute::stream(routes, &route, &facts, |t| async move {
             t.provider.chat_stream(req, &t.target.model).await
         })
         .await?;
@@ -56,7 +66,7 @@ async fn handle(
         );
         Ok(respond::Served::stream(resp, served.by))
     } else {
-        let served = failover(&route, |t| async move {
+        let served = execute::unary(routes, &route, &facts, |t| async move {
             t.provider.chat(req, &t.target.model).await
         })
         .await?;

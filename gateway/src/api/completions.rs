@@ -22,7 +22,8 @@ use super::types::{
 use super::{respond, validate};
 use crate::error::ApiError;
 use crate::providers::{CompletionStream, ProviderApi};
-use crate::routing::failover;
+use crate::routing::catalog::estimate_text_tokens;
+use crate::routing::execute::{self, RequestFacts};
 use crate::state::AppState;
 
 pub const ROUTE: &str = "/v1/completions";
@@ -43,21 +44,29 @@ async fn handle(
     start: Instant,
     model: &mut String,
 ) -> Result<respond::Served, ApiError> {
+    let mut req = req;
     validate::completion(&req)?;
+    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes)?;
     let route = state.routes.resolve(&req.model)?;
     model.clone_from(&route.name);
     let needs_mapping = route
         .targets
         .iter()
-        .any(|t| !t.provider.capabilities().legacy_completions);
+        .any(|(t, _)| !t.provider.capabilities().legacy_completions);
     let chat_form = if needs_mapping {
         Some(to_chat(&req)?)
     } else {
         None
     };
-    let (req, chat_form) = (&req, &chat_form);
+    let facts = RequestFacts {
+        prompt_tokens: prompt_tokens(&req.prompt),
+        output_cap: req.max_tokens.map(u64::from),
+        stream: req.is_stream(),
+        fallbacks,
+    };
+    let (req, chat_form, routes) = (&req, &chat_form, &state.routes);
     if req.is_stream() {
-        let served = failover(&route, |t| async move {
+        let served = execute::stream(routes, &route, &facts, |t| async move {
             match (t.provider.capabilities().legacy_completions, chat_form) {
                 (false, Some(chat)) => {
                     let s = t.provider.chat_stream(chat, &t.target.model).await?;
@@ -81,7 +90,7 @@ async fn handle(
         );
         Ok(respond::Served::stream(resp, served.by))
     } else {
-        let served = failover(&route, |t| async move {
+        let served = execute::unary(routes, &route, &facts, |t| async move {
             match (t.provider.capabilities().legacy_completions, chat_form) {
                 (false, Some(chat)) => t
                     .provider
@@ -104,6 +113,16 @@ async fn handle(
             Json(&served.value).into_response(),
             served.by,
         ))
+    }
+}
+
+/// Prompt tokens: estimated for text, exact for token ids.
+fn prompt_tokens(p: &Prompt) -> u64 {
+    match p {
+        Prompt::Text(t) => estimate_text_tokens(t),
+        Prompt::Texts(ts) => ts.iter().map(|t| estimate_text_tokens(t)).sum(),
+        Prompt::Tokens(t) => t.len() as u64,
+        Prompt::TokenLists(ts) => ts.iter().map(|t| t.len() as u64).sum(),
     }
 }
 

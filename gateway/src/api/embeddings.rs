@@ -7,11 +7,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::json::ApiJson;
-use super::types::{EmbeddingRequest, EncodingFormat};
+use super::types::{EmbeddingInput, EmbeddingRequest, EncodingFormat};
 use super::{respond, validate};
 use crate::error::ApiError;
 use crate::providers::{ProviderApi, UpstreamError, UpstreamErrorKind};
-use crate::routing::failover;
+use crate::routing::catalog::estimate_text_tokens;
+use crate::routing::execute::{self, RequestFacts};
 use crate::state::AppState;
 
 pub async fn embeddings(
@@ -29,20 +30,35 @@ async fn handle(
     req: EmbeddingRequest,
     model: &mut String,
 ) -> Result<respond::Served, ApiError> {
+    let mut req = req;
     validate::embeddings(&req)?;
-    let mut route = state.routes.resolve(&req.model)?;
+    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes)?;
+    let route = state.routes.resolve(&req.model)?;
     model.clone_from(&route.name);
-    route
+    if !route
         .targets
-        .retain(|t| t.provider.capabilities().embeddings);
-    if route.targets.is_empty() {
+        .iter()
+        .any(|(t, _)| t.provider.capabilities().embeddings)
+    {
         return Err(ApiError::Unsupported {
             message: format!("Model `{}` does not offer embeddings.", req.model),
         });
     }
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
+    let facts = RequestFacts {
+        prompt_tokens: input_tokens(&req.input),
+        output_cap: Some(0),
+        stream: false,
+        fallbacks,
+    };
     let req = &req;
-    let served = failover(&route, |t| async move {
+    let served = execute::unary(&state.routes, &route, &facts, |t| async move {
+        if !t.provider.capabilities().embeddings {
+            return Err(crate::providers::unsupported(
+                &t.target.provider,
+                "embeddings",
+            ));
+        }
         t.provider.embeddings(req, &t.target.model).await
     })
     .await?;
@@ -70,4 +86,14 @@ async fn handle(
         Json(&body).into_response(),
         served.by,
     ))
+}
+
+/// Input tokens: estimated for text, exact for token ids.
+fn input_tokens(input: &EmbeddingInput) -> u64 {
+    match input {
+        EmbeddingInput::Text(t) => estimate_text_tokens(t),
+        EmbeddingInput::Texts(ts) => ts.iter().map(|t| estimate_text_tokens(t)).sum(),
+        EmbeddingInput::Tokens(t) => t.len() as u64,
+        EmbeddingInput::TokenLists(ts) => ts.iter().map(|t| t.len() as u64).sum(),
+    }
 }

@@ -73,10 +73,17 @@ fn is_json(v: Option<&axum::http::HeaderValue>) -> bool {
 /// Parses a body, mapping serde's error to our codes with the field path as `param`.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let result: Result<T, _> = serde_path_to_error::deserialize(de);
+    let result: Result<T, _> = serde_path_to_error::deserialize(&mut *de);
     let err = match result {
+        // Text after the JSON value makes the whole body invalid, not ignorable.
         Ok(v) => {
-            return Ok(v);
+            return de.end().map(|()| v).map_err(|e| {
+                ApiError::invalid(
+                    "invalid_json",
+                    None,
+                    format!("The request body is not valid JSON: {e}"),
+                )
+            });
         }
         Err(e) => e,
     };
@@ -89,6 +96,16 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             None,
             format!("The request body is not valid JSON: {inner}"),
         )),
+        // A type error found before a syntax error later in the body: the body is not
+        // JSON at all, which is the more useful thing to say (checked on this error
+        // path only, so valid requests are parsed once).
+        Category::Data if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() => {
+            Err(ApiError::invalid(
+                "invalid_json",
+                None,
+                "The request body is not valid JSON.".to_string(),
+            ))
+        }
         Category::Data => {
             let msg = strip_position(&inner.to_string());
             let param = if path == "." { None } else { Some(path) };
@@ -146,6 +163,8 @@ mod tests {
         let cases: &[(&str, &str, Option<&str>)] = &[
             ("{", "invalid_json", None),
             ("nope", "invalid_json", None),
+            (r#"{"model":"m","messages":[]} x"#, "invalid_json", None),
+            (r#"{"model":"m"} x"#, "invalid_json", None),
             ("[]", "invalid_type", None),
             (
                 r#"{"messages":[]}"#,

@@ -1,5 +1,9 @@
-//! `GET /v1/models` and `GET /v1/models/{id}`: configured model names and the concrete
-//! `provider/model` targets behind them, in OpenAI's list shape so SDKs parse it.
+//! `GET /v1/models` and `GET /v1/models/{id}`: configured (virtual) models and the
+//! concrete `provider/model` targets behind them, in OpenAI's list shape so SDKs parse
+//! it, extended with what routing knows: strategy and targets, catalog price, context
+//! window and capabilities, and live availability (circuit state, recent latency).
+
+use std::time::Instant;
 
 use axum::extract::{Path, State};
 use axum::Json;
@@ -7,40 +11,75 @@ use serde_json::{json, Map, Value};
 
 use super::types::ModelObject;
 use crate::error::ApiError;
+use crate::routing::{ModelRoute, Target};
 use crate::state::AppState;
 
+fn target_fields(t: &Target, now: Instant) -> Map<String, Value> {
+    let mut extra = Map::new();
+    if let Some(info) = &t.info {
+        extra.insert(
+            "pricing".into(),
+            json!({
+                "input_per_mtok": info.input_per_mtok,
+                "output_per_mtok": info.output_per_mtok,
+                "currency": "USD",
+            }),
+        );
+        extra.insert("context_window".into(), json!(info.context_window));
+        extra.insert("max_output_tokens".into(), json!(info.max_output));
+        extra.insert("mode".into(), json!(info.mode));
+        extra.insert("capabilities".into(), json!(info.capabilities));
+    }
+    extra.insert("availability".into(), json!(t.health.snapshot(now)));
+    extra
+}
+
+fn virtual_fields(m: &ModelRoute, now: Instant) -> Map<String, Value> {
+    let mut extra = Map::new();
+    extra.insert("strategy".into(), json!(m.strategy.as_str()));
+    let targets: Vec<Value> = m
+        .targets
+        .iter()
+        .map(|(t, w)| {
+            let snap = t.health.snapshot(now);
+            json!({"target": t.label, "weight": w, "circuit": snap.circuit, "available": snap.available})
+        })
+        .collect();
+    extra.insert("targets".into(), Value::Array(targets));
+    extra.insert(
+        "available".into(),
+        json!(m
+            .targets
+            .iter()
+            .any(|(t, _)| t.health.snapshot(now).available)),
+    );
+    extra
+}
+
 fn catalogue(state: &AppState) -> Vec<ModelObject> {
+    let now = Instant::now();
     let created = state.started_unix;
-    let mut out = Vec::new();
-    let mut direct: Vec<String> = Vec::new();
-    for (name, targets) in state.routes.models() {
-        let labels: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
-        let mut extra = Map::new();
-        extra.insert("targets".into(), json!(labels));
-        out.push(ModelObject {
-            id: name.to_string(),
+    let mut out: Vec<ModelObject> = state
+        .routes
+        .models()
+        .map(|m| ModelObject {
+            id: m.name.clone(),
             object: "model".into(),
             created,
             owned_by: "airlock".into(),
-            extra,
-        });
-        for l in labels {
-            if !direct.contains(&l) {
-                direct.push(l);
-            }
-        }
-    }
-    for l in direct {
-        if out.iter().any(|m| m.id == l) {
+            extra: virtual_fields(m, now),
+        })
+        .collect();
+    for t in state.routes.targets() {
+        if out.iter().any(|m| m.id == t.label) {
             continue;
         }
-        let owner = l.split('/').next().unwrap_or("").to_string();
         out.push(ModelObject {
-            id: l,
+            id: t.label.clone(),
             object: "model".into(),
             created,
-            owned_by: owner,
-            extra: Map::new(),
+            owned_by: t.target.provider.clone(),
+            extra: target_fields(&t, now),
         });
     }
     out

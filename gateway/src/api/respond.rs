@@ -49,19 +49,30 @@ pub fn finish(result: Result<Served, ApiError>, model: String, start: Instant) -
                 h.insert("x-airlock-target", v);
             }
             h.insert("x-airlock-attempts", HeaderValue::from(s.by.attempts));
+            if let Ok(v) = HeaderValue::from_str(&s.by.route) {
+                h.insert("x-airlock-route", v);
+            }
             if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", overhead.as_secs_f64() * 1000.0))
             {
                 h.insert("x-airlock-overhead-ms", v);
             }
             resp.extensions_mut().insert(RequestInfo {
                 model,
-                target: s.by.target.label,
+                target: s.by.target.label.clone(),
                 deferred: s.streamed,
             });
             resp
         }
         Err(e) => {
+            let attempts = match &e {
+                ApiError::RouteFailed(f) => Some(f.attempts),
+                _ => None,
+            };
             let mut resp = e.into_response();
+            if let Some(n) = attempts {
+                resp.headers_mut()
+                    .insert("x-airlock-attempts", HeaderValue::from(n));
+            }
             resp.extensions_mut().insert(RequestInfo {
                 model,
                 target: String::new(),

@@ -7,6 +7,51 @@ use super::types::{
     ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Prompt, Role, StopSequences,
 };
 use crate::error::ApiError;
+use crate::routing::Routes;
+
+/// Removes the request-level fallback lists (`fallbacks`, LiteLLM style, and `models`,
+/// OpenRouter style) from the fields forwarded upstream and returns them in order.
+/// Each must name a model this gateway can route, so a typo fails loudly instead of
+/// silently shrinking the fallback chain.
+pub fn take_fallbacks(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    routes: &Routes,
+) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for key in ["models", "fallbacks"] {
+        let Some(v) = extra.remove(key) else {
+            continue;
+        };
+        let serde_json::Value::Array(items) = v else {
+            return Err(ApiError::invalid(
+                "invalid_type",
+                Some(key.to_string()),
+                format!("Invalid '{key}': expected an array of model names."),
+            ));
+        };
+        for (i, item) in items.into_iter().enumerate() {
+            let param = format!("{key}[{i}]");
+            let serde_json::Value::String(name) = item else {
+                return Err(ApiError::invalid(
+                    "invalid_type",
+                    Some(param.clone()),
+                    format!("Invalid '{param}': expected a model name string."),
+                ));
+            };
+            if routes.resolve(&name).is_err() {
+                return Err(ApiError::invalid(
+                    "model_not_found",
+                    Some(param),
+                    format!("The fallback model `{name}` does not exist or you do not have access to it."),
+                ));
+            }
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    Ok(out)
+}
 
 fn bad(param: &str, msg: String) -> ApiError {
     ApiError::invalid("invalid_value", Some(param.to_string()), msg)

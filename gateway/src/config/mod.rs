@@ -8,6 +8,7 @@
 //! provider, every duration and limit is positive.
 
 pub mod raw;
+pub mod routing;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -15,7 +16,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use raw::{RawConfig, RawModel, RawProvider, RawServer, RawUpstream};
+use raw::{RawConfig, RawProvider, RawServer, RawUpstream};
+pub use routing::{
+    HybridWeights, ModelConfig, RoutePolicy, RoutingDefaults, Strategy, TargetConfig,
+};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./airlock-data";
@@ -26,8 +30,11 @@ pub const DEFAULT_MASTER_KEY_ENV: &str = "AIRLOCK_MASTER_KEY";
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamDefaults,
+    pub routing: RoutingDefaults,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
+    /// `[[catalog]]` entries, applied over the embedded catalog at start.
+    pub catalog: Vec<crate::routing::catalog::CatalogOverride>,
     /// The file it came from; `None` for the embedded defaults.
     pub source: Option<PathBuf>,
 }
@@ -116,13 +123,6 @@ pub struct ProviderConfig {
     pub first_byte_timeout: Duration,
     pub timeout: Duration,
     pub api_version: Option<String>,
-}
-
-/// A model name clients send, standing for one or more targets tried in order.
-#[derive(Debug, Clone)]
-pub struct ModelConfig {
-    pub name: String,
-    pub targets: Vec<TargetRef>,
 }
 
 /// `provider/model`: a provider's name and the model name that provider knows.
@@ -270,13 +270,21 @@ impl Config {
             &mut p,
         );
         let known: HashSet<&str> = providers.iter().map(|p| p.name.as_str()).collect();
-        let models = models(raw.models.unwrap_or_default(), &known, &mut p);
+        let routing = routing::routing_defaults(raw.routing.unwrap_or_default(), &mut p);
+        let models = routing::models(raw.models.unwrap_or_default(), &known, &routing, &mut p);
+        let catalog = raw.catalog.unwrap_or_default();
+        let mut probe = crate::routing::catalog::Catalog::default();
+        if let Err(e) = probe.apply(&catalog) {
+            p.add("catalog", e);
+        }
         if p.0.is_empty() {
             Ok(Config {
                 server,
                 upstream,
+                routing,
                 providers,
                 models,
+                catalog,
                 source: None,
             })
         } else {
@@ -555,55 +563,6 @@ fn providers(
     out
 }
 
-fn models(raw: Vec<RawModel>, providers: &HashSet<&str>, p: &mut Problems) -> Vec<ModelConfig> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for (i, r) in raw.into_iter().enumerate() {
-        let Some(name) = r.name else {
-            p.add(&format!("models[{i}].name"), "is required");
-            continue;
-        };
-        if name.trim().is_empty() || name.len() > 256 {
-            p.add(
-                &format!("models[{i}].name"),
-                format_args!("{name:?} must be 1-256 characters"),
-            );
-        } else if !seen.insert(name.clone()) {
-            p.add(
-                &format!("models[{i}].name"),
-                format_args!("{name:?} is defined twice"),
-            );
-        }
-        let targets_raw = r.targets.unwrap_or_default();
-        if targets_raw.is_empty() {
-            p.add(
-                &format!("models[{i}].targets"),
-                "needs at least one \"provider/model\"",
-            );
-        }
-        let mut targets = Vec::new();
-        for (j, t) in targets_raw.iter().enumerate() {
-            let path = format!("models[{i}].targets[{j}]");
-            match TargetRef::parse(t) {
-                None => p.add(
-                    &path,
-                    format_args!("{t:?} is not of the form \"provider/model\""),
-                ),
-                Some(tr) if !providers.contains(tr.provider.as_str()) => p.add(
-                    &path,
-                    format_args!(
-                        "{t:?} names provider {:?}, which is not configured",
-                        tr.provider
-                    ),
-                ),
-                Some(tr) => targets.push(tr),
-            }
-        }
-        out.push(ModelConfig { name, targets });
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,7 +595,12 @@ targets = ["openai/gpt-4o-mini"]
         assert_eq!(cfg.server.master_key.as_deref(), Some("0123456789abcdef"));
         assert_eq!(cfg.providers[0].api_key.as_deref(), Some("sk-test"));
         assert_eq!(cfg.providers[0].kind, ProviderKind::OpenAi);
-        assert_eq!(cfg.models[0].targets[0].to_string(), "openai/gpt-4o-mini");
+        assert_eq!(
+            cfg.models[0].targets[0].target.to_string(),
+            "openai/gpt-4o-mini"
+        );
+        assert_eq!(cfg.models[0].strategy, Strategy::Priority);
+        assert_eq!(cfg.models[0].targets[0].weight, 1.0);
     }
 
     #[test]

@@ -8,13 +8,18 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+pub use super::routing::{RawModel, RawRouting};
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub server: Option<RawServer>,
     pub upstream: Option<RawUpstream>,
+    pub routing: Option<RawRouting>,
     pub providers: Option<Vec<RawProvider>>,
     pub models: Option<Vec<RawModel>>,
+    /// Catalog additions and overrides (prices, context windows, capabilities).
+    pub catalog: Option<Vec<crate::routing::catalog::CatalogOverride>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,11 +66,4 @@ pub struct RawProvider {
     pub first_byte_timeout: Option<f64>,
     /// Anthropic only: the `anthropic-version` header.
     pub api_version: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawModel {
-    pub name: Option<String>,
-    pub targets: Option<Vec<String>>,
 }

@@ -180,8 +180,8 @@ impl UpstreamSettings {
         let body = read_bounded(resp).await;
         let kind = match status {
             429 => UpstreamErrorKind::RateLimited,
-            401 | 403 => UpstreamErrorKind::Auth,
-            400..=499 => UpstreamErrorKind::BadRequest,
+            401 | 403 if !is_content_policy(&body) => UpstreamErrorKind::Auth,
+            400..=499 => classify_client_error(&body),
             _ => UpstreamErrorKind::Server,
         };
         let mut err = UpstreamError::new(kind, &self.name, error_message(&body, status));
@@ -228,18 +228,54 @@ pub fn error_message(body: &[u8], status: u16) -> String {
     }
 }
 
+/// Context overflow and content-policy refusals are 4xx like any client error, but
+/// routing treats them differently (fallbacks), so they are told apart here by the
+/// codes and phrases OpenAI, Anthropic, Gemini, Mistral and vLLM use.
+fn classify_client_error(body: &[u8]) -> UpstreamErrorKind {
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    const CONTEXT: &[&str] = &[
+        "context_length_exceeded",
+        "maximum context length",
+        "context window",
+        "prompt is too long",
+        "input is too long",
+        "exceeds the maximum number of tokens",
+        "too many tokens",
+        "reduce the length of the messages",
+    ];
+    if CONTEXT.iter().any(|m| text.contains(m)) {
+        UpstreamErrorKind::ContextWindowExceeded
+    } else if is_content_policy(body) {
+        UpstreamErrorKind::ContentPolicy
+    } else {
+        UpstreamErrorKind::BadRequest
+    }
+}
+
+fn is_content_policy(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    [
+        "content_policy_violation",
+        "content_filter",
+        "content policy",
+        "safety system",
+        "responsibleaipolicyviolation",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
 /// `retry-after-ms` (OpenAI) or `retry-after` in seconds.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_millis(ms as u64));
+        if let Ok(d) = Duration::try_from_secs_f64(ms / 1000.0) {
+            return Some(d);
         }
     }
     get("retry-after")
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -272,6 +308,27 @@ mod tests {
     }
 
     #[test]
+    fn context_overflow_and_content_policy_are_told_apart() {
+        let openai = br#"{"error":{"message":"This model's maximum context length is 128000 tokens.","code":"context_length_exceeded"}}"#;
+        assert_eq!(
+            classify_client_error(openai),
+            UpstreamErrorKind::ContextWindowExceeded
+        );
+        let anthropic = br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}"#;
+        assert_eq!(
+            classify_client_error(anthropic),
+            UpstreamErrorKind::ContextWindowExceeded
+        );
+        let policy = br#"{"error":{"message":"Your request was rejected as a result of our safety system.","code":"content_policy_violation"}}"#;
+        assert_eq!(
+            classify_client_error(policy),
+            UpstreamErrorKind::ContentPolicy
+        );
+        let plain = br#"{"error":{"message":"Invalid value for 'temperature'"}}"#;
+        assert_eq!(classify_client_error(plain), UpstreamErrorKind::BadRequest);
+    }
+
+    #[test]
     fn retry_after_forms() {
         let mut h = HeaderMap::new();
         h.insert("retry-after", HeaderValue::from_static("7"));
@@ -281,5 +338,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+        for hostile in ["1e20", "-5", "NaN", "inf"] {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", HeaderValue::from_static(hostile));
+            assert_eq!(retry_after(&h), None, "{hostile}");
+        }
     }
 }

@@ -52,6 +52,10 @@ pub enum UpstreamErrorKind {
     Auth,
     /// 400/404/422: the provider says the request itself is wrong.
     BadRequest,
+    /// A 4xx saying the prompt and output do not fit the model's context window.
+    ContextWindowExceeded,
+    /// A 4xx refusing the content under the provider's usage policy.
+    ContentPolicy,
     /// The provider answered with a body we cannot parse.
     InvalidResponse,
     /// A stream stopped before the provider's end marker.
@@ -91,6 +95,8 @@ impl UpstreamError {
                 | UpstreamErrorKind::RateLimited
                 | UpstreamErrorKind::Server
                 | UpstreamErrorKind::Auth
+                | UpstreamErrorKind::InvalidResponse
+                | UpstreamErrorKind::StreamInterrupted
         )
     }
 
@@ -98,6 +104,9 @@ impl UpstreamError {
         match self.kind {
             UpstreamErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamErrorKind::ContextWindowExceeded | UpstreamErrorKind::ContentPolicy => {
+                StatusCode::BAD_REQUEST
+            }
             UpstreamErrorKind::BadRequest => match self.status {
                 Some(404) => StatusCode::NOT_FOUND,
                 Some(422) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -115,6 +124,8 @@ impl UpstreamError {
             UpstreamErrorKind::Server => "upstream_error",
             UpstreamErrorKind::Auth => "upstream_auth_failed",
             UpstreamErrorKind::BadRequest => "upstream_rejected_request",
+            UpstreamErrorKind::ContextWindowExceeded => "context_length_exceeded",
+            UpstreamErrorKind::ContentPolicy => "content_policy_violation",
             UpstreamErrorKind::InvalidResponse => "upstream_invalid_response",
             UpstreamErrorKind::StreamInterrupted => "upstream_stream_interrupted",
             UpstreamErrorKind::StreamError => "upstream_stream_error",
@@ -125,7 +136,10 @@ impl UpstreamError {
     /// client's request; otherwise a generic line naming the provider.
     pub fn public_message(&self) -> String {
         match self.kind {
-            UpstreamErrorKind::BadRequest | UpstreamErrorKind::StreamError => {
+            UpstreamErrorKind::BadRequest
+            | UpstreamErrorKind::StreamError
+            | UpstreamErrorKind::ContextWindowExceeded
+            | UpstreamErrorKind::ContentPolicy => {
                 format!("Provider `{}` rejected the request: {}", self.provider, self.message)
             }
             UpstreamErrorKind::RateLimited => {

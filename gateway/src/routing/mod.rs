@@ -1,239 +1,299 @@
 //! Routing: from the model name a client sends to an ordered list of targets, and the
-//! failover loop that tries them.
+//! loop that tries them ([`execute`]).
 //!
-//! A name resolves, in this order, to: a configured model (its targets in config
-//! order), or a direct `provider/model` naming a configured provider. Anything else is
-//! `model_not_found`. Invariants: failover moves to the next target only on a retryable
-//! upstream error and only before any byte reached the client (the loop runs before a
-//! response exists, and a stream counts as started once the provider accepted it); a
-//! client error (4xx from the provider) is returned at once.
+//! A name resolves, in this order, to: a configured (virtual) model with its strategy,
+//! targets and policy; or a direct `provider/model` naming a configured provider, which
+//! routes to that one target with the `[routing]` defaults. Anything else is
+//! `model_not_found`.
+//!
+//! Invariants: a target (`provider/model`) has one [`TargetState`] however many models
+//! use it, so its health, caps and latency are shared; direct targets get their state
+//! on first use, up to [`MAX_DYNAMIC_TARGETS`] (past that they route untracked rather
+//! than let clients grow memory without bound); the catalog is read-only after start.
+
+pub mod catalog;
+pub mod execute;
+pub mod health;
+pub mod strategy;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::fmt::Write as _;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
-use crate::config::{Config, TargetRef};
+use catalog::{Catalog, ModelInfo};
+use health::{BreakerConfig, Caps, TargetHealth};
+use strategy::Facts;
+
+pub use execute::{RequestFacts, Served, ServedBy};
+
+use crate::config::{Config, ModelConfig, RoutePolicy, RoutingDefaults, Strategy, TargetRef};
 use crate::error::ApiError;
-use crate::providers::{Provider, UpstreamError};
+use crate::providers::Provider;
 
-/// One candidate: the provider adapter and the model name it knows.
-#[derive(Debug, Clone)]
-pub struct Target {
+/// Direct `provider/model` targets tracked at most; beyond this they route untracked.
+pub const MAX_DYNAMIC_TARGETS: usize = 1024;
+
+/// One upstream target and everything known about it.
+#[derive(Debug)]
+pub struct TargetState {
     pub provider: Arc<Provider>,
     pub target: TargetRef,
     /// `provider/model`, as reported in `x-airlock-target` and metrics.
     pub label: String,
+    pub health: TargetHealth,
+    /// Catalog entry for the provider's model name, if known.
+    pub info: Option<ModelInfo>,
 }
 
-/// The resolved route for one request.
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// The configured model name, or the direct target; a bounded label for metrics.
+/// A candidate handed to provider calls.
+pub type Target = Arc<TargetState>;
+
+/// A resolved virtual model: its targets (with weights), strategy and policy.
+#[derive(Debug)]
+pub struct ModelRoute {
     pub name: String,
-    pub targets: Vec<Target>,
+    pub strategy: Strategy,
+    pub targets: Vec<(Target, f64)>,
+    pub policy: RoutePolicy,
 }
 
 #[derive(Debug)]
 pub struct Routes {
     providers: HashMap<String, Arc<Provider>>,
-    models: HashMap<String, Vec<TargetRef>>,
+    targets: RwLock<HashMap<String, Target>>,
+    models: HashMap<String, Arc<ModelRoute>>,
     /// Configured model names in config order, for listing.
     order: Vec<String>,
+    catalog: Catalog,
+    defaults: RoutingDefaults,
+    breaker: BreakerConfig,
+}
+
+fn breaker(d: &RoutingDefaults) -> BreakerConfig {
+    BreakerConfig {
+        consecutive_failures: d.consecutive_failures,
+        error_rate: d.error_rate,
+        min_requests: d.min_requests,
+        window: d.window,
+        cooldown: d.cooldown,
+        rate_limit_cooldown: d.rate_limit_cooldown,
+    }
+}
+
+fn default_policy(d: &RoutingDefaults) -> RoutePolicy {
+    RoutePolicy {
+        num_retries: d.num_retries,
+        retry_backoff: d.retry_backoff,
+        timeout: d.timeout,
+        ttft_timeout: d.ttft_timeout,
+        fallbacks: Vec::new(),
+        context_window_fallbacks: Vec::new(),
+        content_policy_fallbacks: Vec::new(),
+        max_latency: None,
+        weights: Default::default(),
+        local_first: false,
+    }
 }
 
 impl Routes {
-    pub fn new(cfg: &Config, client: &reqwest::Client) -> Routes {
-        let providers = cfg
+    pub fn new(cfg: &Config, client: &reqwest::Client, catalog: Catalog) -> Routes {
+        let providers: HashMap<String, Arc<Provider>> = cfg
             .providers
             .iter()
             .map(|p| (p.name.clone(), Arc::new(Provider::new(p, client.clone()))))
             .collect();
-        let models = cfg
+        let breaker = breaker(&cfg.routing);
+        let mut targets: HashMap<String, Target> = HashMap::new();
+        // Caps are set at most once per target (config validation), so the first
+        // model that mentions a target with caps decides them.
+        let mut caps: HashMap<String, Caps> = HashMap::new();
+        for m in &cfg.models {
+            for t in &m.targets {
+                if t.rpm.is_some() || t.tpm.is_some() || t.max_parallel.is_some() {
+                    caps.insert(
+                        t.target.to_string(),
+                        Caps {
+                            rpm: t.rpm,
+                            tpm: t.tpm,
+                            max_parallel: t.max_parallel,
+                        },
+                    );
+                }
+            }
+        }
+        let mut make = |t: &TargetRef| -> Option<Target> {
+            let label = t.to_string();
+            if let Some(s) = targets.get(&label) {
+                return Some(s.clone());
+            }
+            let provider = providers.get(&t.provider)?.clone();
+            let state = Arc::new(TargetState {
+                provider,
+                target: t.clone(),
+                health: TargetHealth::new(
+                    breaker.clone(),
+                    caps.get(&label).copied().unwrap_or_default(),
+                ),
+                info: catalog.lookup(&t.model).cloned(),
+                label: label.clone(),
+            });
+            targets.insert(label, state.clone());
+            Some(state)
+        };
+        let models: HashMap<String, Arc<ModelRoute>> = cfg
             .models
             .iter()
-            .map(|m| (m.name.clone(), m.targets.clone()))
+            .map(|m: &ModelConfig| {
+                let route = ModelRoute {
+                    name: m.name.clone(),
+                    strategy: m.strategy,
+                    targets: m
+                        .targets
+                        .iter()
+                        .filter_map(|t| make(&t.target).map(|s| (s, t.weight)))
+                        .collect(),
+                    policy: m.policy.clone(),
+                };
+                (m.name.clone(), Arc::new(route))
+            })
             .collect();
-        let order = cfg.models.iter().map(|m| m.name.clone()).collect();
         Routes {
             providers,
+            targets: RwLock::new(targets),
             models,
-            order,
+            order: cfg.models.iter().map(|m| m.name.clone()).collect(),
+            catalog,
+            defaults: cfg.routing.clone(),
+            breaker,
         }
     }
 
-    fn target(&self, t: &TargetRef) -> Option<Target> {
-        self.providers.get(&t.provider).map(|p| Target {
-            provider: p.clone(),
+    /// The shared state of a direct target, created on first use.
+    fn direct(&self, t: &TargetRef) -> Option<Target> {
+        let label = t.to_string();
+        if let Some(s) = self
+            .targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&label)
+        {
+            return Some(s.clone());
+        }
+        let provider = self.providers.get(&t.provider)?.clone();
+        let state = Arc::new(TargetState {
+            provider,
             target: t.clone(),
-            label: t.to_string(),
-        })
+            health: TargetHealth::new(self.breaker.clone(), Caps::default()),
+            info: self.catalog.lookup(&t.model).cloned(),
+            label: label.clone(),
+        });
+        let mut map = self.targets.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&label) {
+            return Some(s.clone());
+        }
+        if map.len() < MAX_DYNAMIC_TARGETS + self.models.len() * 8 {
+            map.insert(label, state.clone());
+        }
+        Some(state)
     }
 
-    pub fn resolve(&self, model: &str) -> Result<Route, ApiError> {
-        if let Some(targets) = self.models.get(model) {
-            return Ok(Route {
-                name: model.to_string(),
-                targets: targets.iter().filter_map(|t| self.target(t)).collect(),
-            });
+    pub fn resolve(&self, model: &str) -> Result<Arc<ModelRoute>, ApiError> {
+        if let Some(r) = self.models.get(model) {
+            return Ok(r.clone());
         }
-        if let Some(t) = TargetRef::parse(model).and_then(|t| self.target(&t)) {
-            return Ok(Route {
+        if let Some(t) = TargetRef::parse(model).and_then(|t| self.direct(&t)) {
+            return Ok(Arc::new(ModelRoute {
                 name: t.label.clone(),
-                targets: vec![t],
-            });
+                strategy: Strategy::Priority,
+                targets: vec![(t, 1.0)],
+                policy: default_policy(&self.defaults),
+            }));
         }
         Err(ApiError::ModelNotFound {
             model: model.to_string(),
         })
     }
 
-    /// Configured model names (config order) with their targets.
-    pub fn models(&self) -> impl Iterator<Item = (&str, &[TargetRef])> {
-        self.order
+    /// Orders a route's targets for this request; also returns the `x-airlock-route`
+    /// text: the strategy, then each candidate in order with its score.
+    pub fn rank(&self, route: &ModelRoute, facts: &RequestFacts) -> (Vec<Target>, String) {
+        let now = Instant::now();
+        let need = facts.need();
+        let gathered: Vec<Facts> = route
+            .targets
             .iter()
-            .filter_map(|n| self.models.get(n).map(|t| (n.as_str(), t.as_slice())))
-    }
-
-    pub fn provider_names(&self) -> impl Iterator<Item = &str> {
-        self.providers.keys().map(String::as_str)
-    }
-}
-
-/// The outcome of a successful failover loop.
-#[derive(Debug)]
-pub struct Served<T> {
-    pub value: T,
-    pub by: ServedBy,
-}
-
-/// Which target answered, after how many attempts, and how long the gateway waited on
-/// upstreams in all (for streams: until the response head), so the rest is overhead.
-#[derive(Debug, Clone)]
-pub struct ServedBy {
-    pub target: Target,
-    pub attempts: u32,
-    pub upstream: Duration,
-}
-
-/// Tries each target in order until one succeeds or a non-retryable error occurs.
-pub async fn failover<T, F, Fut>(route: &Route, mut call: F) -> Result<Served<T>, ApiError>
-where
-    F: FnMut(Target) -> Fut,
-    Fut: Future<Output = Result<T, UpstreamError>>,
-{
-    let mut attempts = 0;
-    let mut upstream = Duration::ZERO;
-    let mut last: Option<UpstreamError> = None;
-    for target in &route.targets {
-        attempts += 1;
-        let started = Instant::now();
-        let result = call(target.clone()).await;
-        upstream += started.elapsed();
-        match result {
-            Ok(value) => {
-                return Ok(Served {
-                    value,
-                    by: ServedBy {
-                        target: target.clone(),
-                        attempts,
-                        upstream,
+            .map(|(t, weight)| {
+                let snap = t.health.snapshot(now);
+                Facts {
+                    weight: *weight,
+                    cost: t.info.as_ref().map(|i| {
+                        catalog::expected_cost(i, facts.prompt_tokens, facts.priced_output())
+                    }),
+                    latency: if facts.stream {
+                        t.health.ewma_ttft().or_else(|| t.health.ewma_latency())
+                    } else {
+                        t.health.ewma_latency()
                     },
-                })
-            }
-            Err(e) => {
-                tracing::warn!(target = %target.label, code = e.code(), error = %e, attempt = attempts, "upstream attempt failed");
-                let retry = e.retryable();
-                last = Some(e);
-                if !retry {
-                    break;
+                    error_rate: snap.error_rate,
+                    queue_wait: None,
+                    available: t.health.check(now, need).is_ok(),
                 }
+            })
+            .collect();
+        let mut unit = || 1.0 - rand::random::<f64>();
+        let ranking = strategy::rank(
+            route.strategy,
+            &gathered,
+            &route.policy.weights,
+            route.policy.max_latency,
+            &mut unit,
+        );
+        let mut header = String::from(route.strategy.as_str());
+        let mut ordered = Vec::with_capacity(ranking.order.len());
+        for (n, &i) in ranking.order.iter().enumerate() {
+            let (t, _) = &route.targets[i];
+            let sep = if n == 0 { "; " } else { ", " };
+            let _ = match (ranking.scores[i], route.strategy) {
+                (_, Strategy::Priority) => write!(header, "{sep}{}", t.label),
+                (Some(_), Strategy::Weighted) => {
+                    write!(header, "{sep}{}(w={})", t.label, gathered[i].weight)
+                }
+                (Some(s), Strategy::Cost) => write!(header, "{sep}{}=${s:.6}", t.label),
+                (Some(s), Strategy::Latency) => write!(header, "{sep}{}={s:.0}ms", t.label),
+                (Some(s), _) => write!(header, "{sep}{}={s:.3}", t.label),
+                (None, _) => write!(header, "{sep}{}=?", t.label),
+            };
+            if !gathered[i].available {
+                header.push_str("(unavailable)");
             }
+            ordered.push(t.clone());
         }
+        (ordered, header)
     }
-    Err(match last {
-        Some(e) => ApiError::Upstream(e),
-        None => ApiError::Internal(format!("route {} has no usable target", route.name)),
-    })
+
+    /// Configured model routes, in config order.
+    pub fn models(&self) -> impl Iterator<Item = &Arc<ModelRoute>> {
+        self.order.iter().filter_map(|n| self.models.get(n))
+    }
+
+    /// Every tracked target (configured and direct ones used so far), by label.
+    pub fn targets(&self) -> Vec<Target> {
+        let mut v: Vec<Target> = self
+            .targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.label.cmp(&b.label));
+        v
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Config, SecretPolicy};
-    use crate::providers::http::build_client;
-    use crate::providers::UpstreamErrorKind;
-
-    fn routes() -> Routes {
-        let cfg = Config::parse(
-            r#"
-[[providers]]
-name = "a"
-kind = "openai"
-[[providers]]
-name = "b"
-kind = "anthropic"
-[[models]]
-name = "smart"
-targets = ["a/gpt-4o", "b/claude-sonnet-4-5"]
-"#,
-            &[("X", "y")],
-            SecretPolicy::Ignore,
-        )
-        .unwrap();
-        Routes::new(&cfg, &build_client(&cfg.upstream).unwrap())
-    }
-
-    #[test]
-    fn resolves_aliases_then_direct_targets() {
-        let r = routes();
-        let route = r.resolve("smart").unwrap();
-        let labels: Vec<_> = route.targets.iter().map(|t| t.label.as_str()).collect();
-        assert_eq!(labels, ["a/gpt-4o", "b/claude-sonnet-4-5"]);
-        let route = r.resolve("b/claude-haiku").unwrap();
-        assert_eq!(route.name, "b/claude-haiku");
-        assert_eq!(route.targets[0].target.model, "claude-haiku");
-        assert!(matches!(
-            r.resolve("c/x"),
-            Err(ApiError::ModelNotFound { .. })
-        ));
-        assert!(matches!(
-            r.resolve("gpt-5"),
-            Err(ApiError::ModelNotFound { .. })
-        ));
-    }
-
-    #[tokio::test]
-    async fn fails_over_on_retryable_errors_only() {
-        let r = routes();
-        let route = r.resolve("smart").unwrap();
-        let served = failover(&route, |t| async move {
-            if t.target.provider == "a" {
-                Err(UpstreamError::new(UpstreamErrorKind::Server, "a", "503"))
-            } else {
-                Ok(t.label)
-            }
-        })
-        .await
-        .unwrap();
-        assert_eq!(served.value, "b/claude-sonnet-4-5");
-        assert_eq!(served.by.attempts, 2);
-        assert_eq!(served.by.target.label, "b/claude-sonnet-4-5");
-
-        let mut calls = 0;
-        let err = failover(&route, |_| {
-            calls += 1;
-            async {
-                Err::<(), _>(UpstreamError::new(
-                    UpstreamErrorKind::BadRequest,
-                    "a",
-                    "bad",
-                ))
-            }
-        })
-        .await
-        .unwrap_err();
-        assert_eq!(calls, 1, "a client error is not retried elsewhere");
-        assert_eq!(err.code(), "upstream_rejected_request");
-    }
-}
+mod tests;
