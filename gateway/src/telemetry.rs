@@ -104,6 +104,9 @@ impl Metrics {
 pub struct RequestInfo {
     pub model: String,
     pub target: String,
+    /// The routing decision (`x-airlock-route`) and attempts, for the log line.
+    pub route: String,
+    pub attempts: u32,
     pub deferred: bool,
 }
 
@@ -137,6 +140,7 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         target: "airlock::access",
         %method, path, status, request_id,
         model = info.model, upstream = info.target,
+        attempts = info.attempts, route = info.route,
         ms = elapsed.as_secs_f64() * 1000.0,
         streamed = info.deferred,
         "request"

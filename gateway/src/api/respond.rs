@@ -59,6 +59,8 @@ pub fn finish(result: Result<Served, ApiError>, model: String, start: Instant) -
             resp.extensions_mut().insert(RequestInfo {
                 model,
                 target: s.by.target.label.clone(),
+                route: s.by.route,
+                attempts: s.by.attempts,
                 deferred: s.streamed,
             });
             resp
@@ -75,8 +77,8 @@ pub fn finish(result: Result<Served, ApiError>, model: String, start: Instant) -
             }
             resp.extensions_mut().insert(RequestInfo {
                 model,
-                target: String::new(),
-                deferred: false,
+                attempts: attempts.unwrap_or(0),
+                ..RequestInfo::default()
             });
             resp
         }

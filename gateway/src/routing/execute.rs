@@ -166,16 +166,24 @@ where
     let (won, by) = run(routes, route, facts, |t| {
         let started = call(t.clone());
         async move {
-            let mut s = started.await?;
-            let first = match ttft {
-                Some(limit) => tokio::time::timeout(limit, s.next()).await.map_err(|_| {
-                    UpstreamError::new(
-                        UpstreamErrorKind::Timeout,
-                        &t.target.provider,
-                        format!("no first token within {limit:?}"),
-                    )
-                })?,
-                None => s.next().await,
+            // The deadline covers the response head and the first chunk together: a
+            // provider slow to answer at all is as stalled as one slow to speak.
+            let first_chunk = async {
+                let mut s = started.await?;
+                let first = s.next().await;
+                Ok::<_, UpstreamError>((first, s))
+            };
+            let (first, s) = match ttft {
+                Some(limit) => tokio::time::timeout(limit, first_chunk)
+                    .await
+                    .map_err(|_| {
+                        UpstreamError::new(
+                            UpstreamErrorKind::Timeout,
+                            &t.target.provider,
+                            format!("no first token within {limit:?}"),
+                        )
+                    })??,
+                None => first_chunk.await?,
             };
             match first {
                 Some(Ok(c)) => Ok((c, s)),

@@ -88,6 +88,10 @@ pub enum Fault {
     CutAfter(usize),
     /// Streams: wait this long before each event after the first.
     SlowStream(Duration),
+    /// Send the response head at once, then wait this long before the first event of a
+    /// stream (JSON: before the body), as an upstream that accepted the request but is
+    /// slow to produce its first token.
+    DelayFirstEvent(Duration),
     /// 200 with a body (or a stream event) that is not valid JSON.
     MalformedJson,
     /// Streams: send every event in 7-byte pieces, each its own write, so events and
@@ -107,7 +111,7 @@ pub enum Fault {
 
 impl Fault {
     /// Parses the `x-mock-fault` header: `status=503`, `delay_ms=500`, `drop`, `cut=3`,
-    /// `slow_ms=200`, `malformed`, `error_event=2`, `fragmented`.
+    /// `slow_ms=200`, `first_event_ms=500`, `malformed`, `error_event=2`, `fragmented`.
     pub fn parse(s: &str) -> Option<Fault> {
         let (k, v) = s.split_once('=').unwrap_or((s, ""));
         let num = || v.trim().parse::<u64>().ok();
@@ -117,6 +121,7 @@ impl Fault {
             "drop" => Fault::DropConnection,
             "cut" => Fault::CutAfter(usize::try_from(num()?).ok()?),
             "slow_ms" => Fault::SlowStream(Duration::from_millis(num()?)),
+            "first_event_ms" => Fault::DelayFirstEvent(Duration::from_millis(num()?)),
             "malformed" => Fault::MalformedJson,
             "error_event" => Fault::StreamErrorEventAfter(usize::try_from(num()?).ok()?),
             "fragmented" => Fault::Fragmented,
@@ -477,6 +482,7 @@ pub(crate) async fn respond(
 ) -> Response<Body> {
     let mut cut = None;
     let mut slow = None;
+    let mut first_event = None;
     let mut error_event = None;
     let mut fragmented = false;
     match fault {
@@ -491,6 +497,7 @@ pub(crate) async fn respond(
         }
         Some(Fault::CutAfter(n)) => cut = Some(n),
         Some(Fault::SlowStream(d)) => slow = Some(d),
+        Some(Fault::DelayFirstEvent(d)) => first_event = Some(d),
         Some(Fault::MalformedJson) => return malformed(reply),
         Some(Fault::StreamErrorEventAfter(n)) => error_event = Some(n),
         Some(Fault::Fragmented) => fragmented = true,
@@ -523,14 +530,35 @@ pub(crate) async fn respond(
                         .body(Body::from_stream(stream))
                         .unwrap()
                 }
-                None => Response::builder()
-                    .header("content-type", "application/json")
-                    .body(Body::from(text))
-                    .unwrap(),
+                None => match first_event {
+                    Some(d) => {
+                        let stream = async_stream::stream! {
+                            tokio::time::sleep(d).await;
+                            yield Ok::<Bytes, std::io::Error>(Bytes::from(text));
+                        };
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Body::from_stream(stream))
+                            .unwrap()
+                    }
+                    None => Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Body::from(text))
+                        .unwrap(),
+                },
             }
         }
         Reply::Sse(frames) if fragmented => fragment_frames(frames, "text/event-stream"),
-        Reply::Sse(frames) => stream_frames(frames, "text/event-stream", cut, slow, error_event),
+        Reply::Sse(frames) => stream_frames(
+            frames,
+            "text/event-stream",
+            StreamFaults {
+                cut,
+                slow,
+                first_event,
+                error_event,
+            },
+        ),
         Reply::JsonArrayStream(items) => {
             let mut frames = Vec::new();
             for (i, item) in items.iter().enumerate() {
@@ -538,19 +566,40 @@ pub(crate) async fn respond(
                 frames.push(format!("{sep}{item}"));
             }
             frames.push("]".to_string());
-            stream_frames(frames, "application/json", cut, slow, None)
+            stream_frames(
+                frames,
+                "application/json",
+                StreamFaults {
+                    cut,
+                    slow,
+                    first_event,
+                    error_event: None,
+                },
+            )
         }
     }
 }
 
-fn stream_frames(
-    frames: Vec<String>,
-    content_type: &str,
+/// How [`stream_frames`] bends a stream (all off by default).
+#[derive(Debug, Clone, Copy, Default)]
+struct StreamFaults {
     cut: Option<usize>,
     slow: Option<Duration>,
+    first_event: Option<Duration>,
     error_event: Option<usize>,
-) -> Response<Body> {
+}
+
+fn stream_frames(frames: Vec<String>, content_type: &str, faults: StreamFaults) -> Response<Body> {
+    let StreamFaults {
+        cut,
+        slow,
+        first_event,
+        error_event,
+    } = faults;
     let stream = async_stream::stream! {
+        if let Some(d) = first_event {
+            tokio::time::sleep(d).await;
+        }
         for (i, frame) in frames.into_iter().enumerate() {
             if cut == Some(i) {
                 // Let what was sent reach the peer first, as when a real upstream dies.
@@ -608,7 +657,7 @@ fn malformed(reply: Reply) -> Response<Body> {
             // Keep the first event, then one that is not JSON, then the rest.
             let at = frames.len().min(1);
             frames.insert(at, "data: {\"choices\": [{\"delta\": \n\n".to_string());
-            stream_frames(frames, "text/event-stream", None, None, None)
+            stream_frames(frames, "text/event-stream", StreamFaults::default())
         }
         Reply::JsonArrayStream(_) => Response::builder()
             .header("content-type", "application/json")
