@@ -10,6 +10,8 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod governance;
+pub mod ledger;
 pub mod providers;
 pub mod routing;
 pub mod server;

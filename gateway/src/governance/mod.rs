@@ -1,0 +1,4 @@
+//! Governance: who may call (keys, users, teams, orgs, roles), what they may use
+//! (allow-lists), and how much (rate limits, token quotas, money budgets).
+
+pub mod model;
