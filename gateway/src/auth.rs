@@ -1,10 +1,12 @@
 //! Authentication: every route needs a bearer key unless it is on the open list.
 //!
-//! Until full key management lands, the one accepted key is the master key (from
-//! `server.master_key_env`, or generated at first start into `<data_dir>/master.key`).
-//! Invariants: only a SHA-256 digest of the key is held in memory; comparison is
-//! constant-time; the open list is explicit ([`is_open`]); a refusal never says which
-//! part of the key was wrong.
+//! Keys are the directory's (`sk-airlock-ak_...`), checked by
+//! [`crate::governance::directory::Directory::authenticate`]; the configured master key
+//! (`server.master_key_env`, when set) keeps working as a bootstrap
+//! admin. The authenticated [`crate::governance::model::Principal`] goes into the request
+//! extensions for handlers. Invariants: only SHA-256 digests of keys are held in memory;
+//! comparisons are constant-time; the open list is explicit ([`is_open`]); a refusal
+//! never says which part of the key was wrong.
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -14,6 +16,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::governance::directory::{master_principal, now_ms};
 use crate::state::AppState;
 
 /// The digest of the accepted key.
@@ -62,21 +65,30 @@ pub async fn authenticate(
     if is_open(req.uri().path(), state.config.server.metrics_open) {
         return Ok(next.run(req).await);
     }
-    match bearer(&req) {
-        None => Err(ApiError::Unauthorized {
-            message: "Missing API key: send it as `Authorization: Bearer <key>`.".into(),
-        }),
-        Some(k) if state.master_key.matches(k) => Ok(next.run(req).await),
-        Some(_) => Err(ApiError::Unauthorized {
-            message: "Incorrect API key provided.".into(),
-        }),
-    }
-}
-
-/// A new random key for first start: `sk-airlock-` and 256 bits in hex.
-pub fn generate_key() -> String {
-    let bytes: [u8; 32] = rand::random();
-    format!("sk-airlock-{}", hex::encode(bytes))
+    let principal = match bearer(&req) {
+        None => {
+            return Err(ApiError::Unauthorized {
+                message: "Missing API key: send it as `Authorization: Bearer <key>`.".into(),
+            })
+        }
+        Some(k) if state.master_key.as_ref().is_some_and(|m| m.matches(k)) => master_principal(),
+        Some(k) => {
+            let now = now_ms();
+            match state.directory.authenticate(k, now) {
+                Ok(p) => {
+                    state.directory.touch_last_used(&p.key_id, now);
+                    p
+                }
+                Err(e) => {
+                    tracing::info!(reason = e.label(), "authentication refused");
+                    return Err(e.into());
+                }
+            }
+        }
+    };
+    let mut req = req;
+    req.extensions_mut().insert(principal);
+    Ok(next.run(req).await)
 }
 
 #[cfg(test)]
@@ -100,12 +112,5 @@ mod tests {
         assert!(is_open("/metrics", true));
         assert!(!is_open("/v1/models", true));
         assert!(!is_open("/health/", false));
-    }
-
-    #[test]
-    fn generated_keys_are_long_and_distinct() {
-        let a = generate_key();
-        assert_eq!(a.len(), "sk-airlock-".len() + 64);
-        assert_ne!(a, generate_key());
     }
 }

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::generate_key;
 use crate::config::{Config, ConfigError, ProcessEnv, SecretPolicy};
 use crate::state::AppState;
 use crate::store::Store;
@@ -134,49 +133,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     runtime.block_on(run(cfg))
 }
 
-/// Reads the master key from the environment, or from `<data_dir>/master.key`, creating
-/// that file (mode 0600) with a new random key on first start.
-fn master_key(cfg: &Config) -> std::io::Result<String> {
-    if let Some(k) = &cfg.server.master_key {
-        return Ok(k.clone());
-    }
-    let path = cfg.server.data_dir.join("master.key");
-    match std::fs::read_to_string(&path) {
-        Ok(k) if !k.trim().is_empty() => return Ok(k.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let key = generate_key();
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&path)?;
-    f.write_all(key.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    tracing::warn!(
-        path = %path.display(),
-        "{} is not set: generated a master key and wrote it to this file (readable only by its owner)",
-        cfg.server.master_key_env
-    );
-    Ok(key)
-}
-
 async fn run(cfg: Config) -> ExitCode {
     let store = match Store::open(&cfg.server.data_dir) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot open the store");
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_IO);
-        }
-    };
-    let key = match master_key(&cfg) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("error: cannot read or create the master key file: {e}");
             return ExitCode::from(EXIT_IO);
         }
     };
@@ -202,13 +164,29 @@ async fn run(cfg: Config) -> ExitCode {
         data_dir = %cfg.server.data_dir.display(),
         "airlock started"
     );
-    let state = match AppState::build(cfg, store, &key) {
+    let admin_key = cfg.governance.admin_key.clone();
+    let data_dir = cfg.server.data_dir.clone();
+    let state = match AppState::build(cfg, store, None) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    match state
+        .directory
+        .ensure_bootstrap(admin_key.as_deref(), &data_dir)
+    {
+        Ok(Some(path)) => tracing::warn!(
+            path = %path.display(),
+            "first start: created the admin key and wrote it to this file (readable only by its owner)"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("error: cannot create the first admin key: {e}");
+            return ExitCode::from(EXIT_IO);
+        }
+    }
     // The one line on stdout: tests and scripts read the bound address from it.
     println!("airlock listening on http://{addr}");
     let _ = std::io::stdout().flush();

@@ -60,6 +60,16 @@ pub enum ApiError {
     },
     #[error("{message}")]
     Unauthorized { message: String },
+    /// Authenticated, but this principal may not do or use this.
+    #[error("{message}")]
+    Forbidden { message: String, code: &'static str },
+    /// A rate limit, token quota or budget of the caller's key, user, team or org.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        code: &'static str,
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("The model `{model}` does not exist or you do not have access to it.")]
     ModelNotFound { model: String },
     #[error("Invalid URL ({method} {path})")]
@@ -98,6 +108,8 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ModelNotFound { .. } | ApiError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -118,6 +130,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { code, .. } => code,
             ApiError::Unauthorized { .. } => "invalid_api_key",
+            ApiError::Forbidden { code, .. } | ApiError::RateLimited { code, .. } => code,
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::UnknownRoute { .. } => "unknown_url",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -143,6 +156,8 @@ impl ApiError {
         };
         match self {
             ApiError::Unauthorized { .. } => "authentication_error",
+            ApiError::Forbidden { .. } => "permission_error",
+            ApiError::RateLimited { .. } => "rate_limit_error",
             ApiError::RouteFailed(f) if f.context_exceeded => "invalid_request_error",
             ApiError::RouteFailed(f) if f.rate_limited => "rate_limit_error",
             ApiError::Upstream(_) | ApiError::RouteFailed(_) => match upstream {
@@ -203,6 +218,7 @@ impl IntoResponse for ApiError {
         let mut resp = (status, axum::Json(self.body())).into_response();
         let retry_after = match &self {
             ApiError::Upstream(e) => e.retry_after,
+            ApiError::RateLimited { retry_after, .. } => *retry_after,
             ApiError::RouteFailed(f) => f
                 .last
                 .as_ref()

@@ -5,6 +5,7 @@
 //! [`config`], [`error`], [`providers`], [`routing`], [`server`] (accept loop,
 //! timeouts, shutdown), [`state`], [`store`], [`telemetry`] (metrics and logs).
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod cli;

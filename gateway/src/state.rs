@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::api::types::unix_now;
 use crate::auth::MasterKey;
 use crate::config::Config;
+use crate::governance::directory::Directory;
 use crate::providers::http::build_client;
 use crate::routing::catalog::Catalog;
 use crate::routing::Routes;
@@ -25,7 +26,9 @@ pub struct Inner {
     pub routes: Routes,
     pub metrics: Metrics,
     pub store: Store,
-    pub master_key: MasterKey,
+    /// The configured bootstrap admin key (`server.master_key_env`), if set.
+    pub master_key: Option<MasterKey>,
+    pub directory: Directory,
     pub started: Instant,
     /// Start time in Unix seconds, reported as `created` of configured models.
     pub started_unix: i64,
@@ -36,17 +39,27 @@ impl AppState {
         AppState(Arc::new(inner))
     }
 
-    /// Builds the state from a validated config, an open store and the master key.
-    pub fn build(config: Config, store: Store, master_key: &str) -> Result<AppState, String> {
+    /// Builds the state from a validated config and an open store.
+    /// `master_key` overrides the configured `server.master_key_env` value (tests).
+    pub fn build(
+        config: Config,
+        store: Store,
+        master_key: Option<&str>,
+    ) -> Result<AppState, String> {
         let client = build_client(&config.upstream)?;
         let mut catalog = Catalog::builtin()?;
         catalog.apply(&config.catalog)?;
         let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;
+        let directory =
+            Directory::open(&store).map_err(|e| format!("cannot open the key directory: {e}"))?;
         Ok(AppState::new(Inner {
             routes: Routes::new(&config, &client, catalog),
             metrics,
             store,
-            master_key: MasterKey::new(master_key),
+            master_key: master_key
+                .or(config.server.master_key.as_deref())
+                .map(MasterKey::new),
+            directory,
             started: Instant::now(),
             started_unix: unix_now(),
             config,

@@ -50,7 +50,7 @@ fn app_with(text: &str) -> App {
     let cfg = Config::parse(text, &[("X", "y")], SecretPolicy::Require).unwrap();
     let store = Store::open(dir.path()).unwrap();
     App {
-        state: AppState::build(cfg, store, KEY).unwrap(),
+        state: AppState::build(cfg, store, Some(KEY)).unwrap(),
         _dir: dir,
     }
 }

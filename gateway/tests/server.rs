@@ -24,7 +24,7 @@ struct Running {
 async fn start(server_toml: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config::parse(server_toml, &[("X", "y")], SecretPolicy::Require).unwrap();
-    let state = AppState::build(cfg, Store::open(dir.path()).unwrap(), KEY).unwrap();
+    let state = AppState::build(cfg, Store::open(dir.path()).unwrap(), Some(KEY)).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();

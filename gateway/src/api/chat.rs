@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 
 use super::json::ApiJson;
@@ -11,6 +12,7 @@ use super::sse::{self, StreamLabels};
 use super::types::ChatCompletionRequest;
 use super::{respond, validate};
 use crate::error::ApiError;
+use crate::governance::model::Principal;
 use crate::providers::ProviderApi;
 use crate::routing::catalog::estimate_chat_tokens;
 use crate::routing::execute::{self, RequestFacts};
@@ -20,30 +22,34 @@ pub const ROUTE: &str = "/v1/chat/completions";
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Response {
     let start = Instant::now();
     let mut model = String::new();
-    let result = handle(&state, req, start, &mut model).await;
+    let result = handle(&state, &principal, req, start, &mut model).await;
     respond::finish(result, model, start)
 }
 
 async fn handle(
     state: &AppState,
+    principal: &Principal,
     req: ChatCompletionRequest,
     start: Instant,
     model: &mut String,
 ) -> Result<respond::Served, ApiError> {
     let mut req = req;
     validate::chat(&req)?;
-    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes)?;
-    let route = state.routes.resolve(&req.model)?;
+    let filter = super::access::filter(principal);
+    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes, filter.as_ref())?;
+    let route = super::access::resolve(&state.routes, &req.model, filter.as_ref())?;
     model.clone_from(&route.name);
     let facts = RequestFacts {
         prompt_tokens: estimate_chat_tokens(&req),
         output_cap: req.max_output_tokens().map(u64::from),
         stream: req.is_stream(),
         fallbacks,
+        filter,
     };
     let req = &req;
     let routes = &state.routes;

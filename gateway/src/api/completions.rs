@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use futures::StreamExt;
 use serde_json::Map;
@@ -21,6 +22,7 @@ use super::types::{
 };
 use super::{respond, validate};
 use crate::error::ApiError;
+use crate::governance::model::Principal;
 use crate::providers::{CompletionStream, ProviderApi};
 use crate::routing::catalog::estimate_text_tokens;
 use crate::routing::execute::{self, RequestFacts};
@@ -30,24 +32,27 @@ pub const ROUTE: &str = "/v1/completions";
 
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Response {
     let start = Instant::now();
     let mut model = String::new();
-    let result = handle(&state, req, start, &mut model).await;
+    let result = handle(&state, &principal, req, start, &mut model).await;
     respond::finish(result, model, start)
 }
 
 async fn handle(
     state: &AppState,
+    principal: &Principal,
     req: CompletionRequest,
     start: Instant,
     model: &mut String,
 ) -> Result<respond::Served, ApiError> {
     let mut req = req;
     validate::completion(&req)?;
-    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes)?;
-    let route = state.routes.resolve(&req.model)?;
+    let filter = super::access::filter(principal);
+    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes, filter.as_ref())?;
+    let route = super::access::resolve(&state.routes, &req.model, filter.as_ref())?;
     model.clone_from(&route.name);
     let needs_mapping = route
         .targets
@@ -63,6 +68,7 @@ async fn handle(
         output_cap: req.max_tokens.map(u64::from),
         stream: req.is_stream(),
         fallbacks,
+        filter,
     };
     let (req, chat_form, routes) = (&req, &chat_form, &state.routes);
     if req.is_stream() {

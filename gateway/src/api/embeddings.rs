@@ -4,12 +4,14 @@
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 
 use super::json::ApiJson;
 use super::types::{EmbeddingInput, EmbeddingRequest, EncodingFormat};
 use super::{respond, validate};
 use crate::error::ApiError;
+use crate::governance::model::Principal;
 use crate::providers::{ProviderApi, UpstreamError, UpstreamErrorKind};
 use crate::routing::catalog::estimate_text_tokens;
 use crate::routing::execute::{self, RequestFacts};
@@ -17,23 +19,26 @@ use crate::state::AppState;
 
 pub async fn embeddings(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Response {
     let start = std::time::Instant::now();
     let mut model = String::new();
-    let result = handle(&state, req, &mut model).await;
+    let result = handle(&state, &principal, req, &mut model).await;
     respond::finish(result, model, start)
 }
 
 async fn handle(
     state: &AppState,
+    principal: &Principal,
     req: EmbeddingRequest,
     model: &mut String,
 ) -> Result<respond::Served, ApiError> {
     let mut req = req;
     validate::embeddings(&req)?;
-    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes)?;
-    let route = state.routes.resolve(&req.model)?;
+    let filter = super::access::filter(principal);
+    let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes, filter.as_ref())?;
+    let route = super::access::resolve(&state.routes, &req.model, filter.as_ref())?;
     model.clone_from(&route.name);
     if !route
         .targets
@@ -50,6 +55,7 @@ async fn handle(
         output_cap: Some(0),
         stream: false,
         fallbacks,
+        filter,
     };
     let req = &req;
     let served = execute::unary(&state.routes, &route, &facts, |t| async move {

@@ -5,6 +5,7 @@
 //! authentication ([`crate::auth`]), then the route. Authentication wraps every route
 //! and the fallback, so an unknown path without a key is a 401, not a 404.
 
+pub mod access;
 pub mod chat;
 pub mod completions;
 pub mod embeddings;
@@ -43,6 +44,12 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(telemetry::metrics_handler))
+        .nest(
+            crate::admin::PREFIX,
+            crate::admin::router(crate::admin::AdminState {
+                directory: state.directory.clone(),
+            }),
+        )
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

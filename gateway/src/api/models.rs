@@ -1,17 +1,18 @@
 //! `GET /v1/models` and `GET /v1/models/{id}`: configured (virtual) models and the
 //! concrete `provider/model` targets behind them, in OpenAI's list shape so SDKs parse
-//! it, extended with what routing knows: strategy and targets, catalog price, context
+//! it, limited to what the caller's allow-lists permit, and extended with what routing knows: strategy and targets, catalog price, context
 //! window and capabilities, and live availability (circuit state, recent latency).
 
 use std::time::Instant;
 
 use axum::extract::{Path, State};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Map, Value};
 
 use super::types::ModelObject;
 use crate::error::ApiError;
-use crate::routing::{ModelRoute, Target};
+use crate::governance::model::Principal;
+use crate::routing::{restrict, ModelRoute, Target};
 use crate::state::AppState;
 
 fn target_fields(t: &Target, now: Instant) -> Map<String, Value> {
@@ -56,22 +57,25 @@ fn virtual_fields(m: &ModelRoute, now: Instant) -> Map<String, Value> {
     extra
 }
 
-fn catalogue(state: &AppState) -> Vec<ModelObject> {
+fn catalogue(state: &AppState, principal: &Principal) -> Vec<ModelObject> {
     let now = Instant::now();
     let created = state.started_unix;
+    let filter = super::access::filter(principal);
     let mut out: Vec<ModelObject> = state
         .routes
         .models()
+        .filter_map(|m| restrict(m.clone(), filter.as_ref()))
         .map(|m| ModelObject {
             id: m.name.clone(),
             object: "model".into(),
             created,
             owned_by: "airlock".into(),
-            extra: virtual_fields(m, now),
+            extra: virtual_fields(&m, now),
         })
         .collect();
     for t in state.routes.targets() {
-        if out.iter().any(|m| m.id == t.label) {
+        let allowed = filter.as_ref().is_none_or(|f| (f.0)(&t.label, &t.label));
+        if !allowed || out.iter().any(|m| m.id == t.label) {
             continue;
         }
         out.push(ModelObject {
@@ -85,15 +89,19 @@ fn catalogue(state: &AppState) -> Vec<ModelObject> {
     out
 }
 
-pub async fn list(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"object": "list", "data": catalogue(&state)}))
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Json<Value> {
+    Json(json!({"object": "list", "data": catalogue(&state, &principal)}))
 }
 
 pub async fn retrieve(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
-    catalogue(&state)
+    catalogue(&state, &principal)
         .into_iter()
         .find(|m| m.id == id)
         .map(Json)

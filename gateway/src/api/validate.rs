@@ -7,7 +7,7 @@ use super::types::{
     ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Prompt, Role, StopSequences,
 };
 use crate::error::ApiError;
-use crate::routing::Routes;
+use crate::routing::{Routes, TargetFilter};
 
 /// Removes the request-level fallback lists (`fallbacks`, LiteLLM style, and `models`,
 /// OpenRouter style) from the fields forwarded upstream and returns them in order.
@@ -16,6 +16,7 @@ use crate::routing::Routes;
 pub fn take_fallbacks(
     extra: &mut serde_json::Map<String, serde_json::Value>,
     routes: &Routes,
+    filter: Option<&TargetFilter>,
 ) -> Result<Vec<String>, ApiError> {
     let mut out = Vec::new();
     for key in ["models", "fallbacks"] {
@@ -38,7 +39,7 @@ pub fn take_fallbacks(
                     format!("Invalid '{param}': expected a model name string."),
                 ));
             };
-            if routes.resolve(&name).is_err() {
+            if super::access::resolve(routes, &name, filter).is_err() {
                 return Err(ApiError::invalid(
                     "model_not_found",
                     Some(param),

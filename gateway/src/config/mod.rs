@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use raw::{RawConfig, RawProvider, RawServer, RawUpstream};
+use raw::{RawConfig, RawGovernance, RawProvider, RawServer, RawUpstream};
 pub use routing::{
     HybridWeights, ModelConfig, RoutePolicy, RoutingDefaults, Strategy, TargetConfig,
 };
@@ -31,6 +31,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamDefaults,
     pub routing: RoutingDefaults,
+    pub governance: GovernanceConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     /// `[[catalog]]` entries, applied over the embedded catalog at start.
@@ -59,6 +60,18 @@ pub struct ServerConfig {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `[governance]`: bootstrap key, audit retention, reservation defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GovernanceConfig {
+    /// The variable holding the first admin key (used on first start only).
+    pub admin_key_env: String,
+    /// Its value, when set.
+    pub admin_key: Option<String>,
+    pub audit_retention: Option<Duration>,
+    /// Output tokens reserved when neither the request nor the catalog gives a cap.
+    pub default_max_output_tokens: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +284,7 @@ impl Config {
         );
         let known: HashSet<&str> = providers.iter().map(|p| p.name.as_str()).collect();
         let routing = routing::routing_defaults(raw.routing.unwrap_or_default(), &mut p);
+        let governance = governance(raw.governance.unwrap_or_default(), env, &mut p);
         let models = routing::models(raw.models.unwrap_or_default(), &known, &routing, &mut p);
         let catalog = raw.catalog.unwrap_or_default();
         let mut probe = crate::routing::catalog::Catalog::default();
@@ -282,6 +296,7 @@ impl Config {
                 server,
                 upstream,
                 routing,
+                governance,
                 providers,
                 models,
                 catalog,
@@ -413,6 +428,43 @@ fn server(raw: RawServer, env: &dyn Env, p: &mut Problems) -> ServerConfig {
         ),
         metrics_open: raw.metrics_open.unwrap_or(false),
         log_format,
+    }
+}
+
+fn governance(raw: RawGovernance, env: &dyn Env, p: &mut Problems) -> GovernanceConfig {
+    let admin_key_env = raw
+        .admin_key_env
+        .unwrap_or_else(|| "AIRLOCK_ADMIN_KEY".to_string());
+    if !valid_env_name(&admin_key_env) {
+        p.add(
+            "governance.admin_key_env",
+            format_args!("{admin_key_env:?} is not an environment variable name"),
+        );
+    }
+    let audit_retention = match raw.audit_retention_days {
+        None => None,
+        Some(0) => {
+            p.add(
+                "governance.audit_retention_days",
+                "0 is not allowed; leave it out to keep records forever",
+            );
+            None
+        }
+        Some(d) => Some(Duration::from_secs(d.saturating_mul(86_400))),
+    };
+    let default_max_output_tokens = match raw.default_max_output_tokens {
+        Some(0) => {
+            p.add("governance.default_max_output_tokens", "0 is not allowed");
+            4096
+        }
+        Some(n) => n,
+        None => 4096,
+    };
+    GovernanceConfig {
+        admin_key: env.var(&admin_key_env),
+        admin_key_env,
+        audit_retention,
+        default_max_output_tokens,
     }
 }
 

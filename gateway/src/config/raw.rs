@@ -16,6 +16,7 @@ pub struct RawConfig {
     pub server: Option<RawServer>,
     pub upstream: Option<RawUpstream>,
     pub routing: Option<RawRouting>,
+    pub governance: Option<RawGovernance>,
     pub providers: Option<Vec<RawProvider>>,
     pub models: Option<Vec<RawModel>>,
     /// Catalog additions and overrides (prices, context windows, capabilities).
@@ -66,4 +67,13 @@ pub struct RawProvider {
     pub first_byte_timeout: Option<f64>,
     /// Anthropic only: the `anthropic-version` header.
     pub api_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGovernance {
+    pub admin_key_env: Option<String>,
+    /// Days; absent = keep audit records forever.
+    pub audit_retention_days: Option<u64>,
+    pub default_max_output_tokens: Option<u64>,
 }

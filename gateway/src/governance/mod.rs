@@ -1,4 +1,7 @@
 //! Governance: who may call (keys, users, teams, orgs, roles), what they may use
 //! (allow-lists), and how much (rate limits, token quotas, money budgets).
 
+pub mod access;
+pub mod directory;
+pub mod keys;
 pub mod model;

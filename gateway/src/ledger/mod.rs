@@ -134,9 +134,15 @@ pub enum Op {
     /// Holds `charges` (adds nothing to balances yet).
     OpenReservation(Reservation),
     /// Releases reservation `id` and adds `actual` to balances.
-    CloseReservation { id: u64, actual: Vec<Charge> },
+    CloseReservation {
+        id: u64,
+        actual: Vec<Charge>,
+    },
     /// Adds to balances without a reservation.
     Charge(Vec<Charge>),
     Audit(AuditEvent),
-    Usage { key: UsageKey, delta: UsageCounters },
+    Usage {
+        key: UsageKey,
+        delta: UsageCounters,
+    },
 }

@@ -41,6 +41,8 @@ pub struct RequestFacts {
     /// Request-level fallbacks (`fallbacks` / `models` in the body), tried before the
     /// route's configured ones.
     pub fallbacks: Vec<String>,
+    /// The caller's allow-lists, applied to fallback stages too.
+    pub filter: Option<super::TargetFilter>,
 }
 
 /// Output tokens assumed for cost ranking when the request sets no cap.
@@ -458,8 +460,12 @@ where
         };
         for name in next {
             if tried.insert(name.clone()) {
-                match routes.resolve(&name) {
-                    Ok(r) => stages.push_back(r),
+                match routes
+                    .resolve(&name)
+                    .map(|r| super::restrict(r, facts.filter.as_ref()))
+                {
+                    Ok(Some(r)) => stages.push_back(r),
+                    Ok(None) => log.push(format!("{name}: fallback not allowed")),
                     Err(_) => log.push(format!("{name}: fallback not found")),
                 }
             }

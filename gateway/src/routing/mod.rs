@@ -49,6 +49,46 @@ pub struct TargetState {
 /// A candidate handed to provider calls.
 pub type Target = Arc<TargetState>;
 
+/// Which targets a caller may use: `(model name as requested, target label) -> allowed`.
+/// Governance builds it from the caller's allow-lists; routing applies it to the primary
+/// route and to every fallback stage.
+#[derive(Clone)]
+pub struct TargetFilter(pub Arc<AllowFn>);
+
+/// `(model name as requested, target label) -> allowed`.
+pub type AllowFn = dyn Fn(&str, &str) -> bool + Send + Sync;
+
+impl std::fmt::Debug for TargetFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TargetFilter")
+    }
+}
+
+/// The route restricted to the targets `filter` allows; `None` when none is allowed.
+pub fn restrict(route: Arc<ModelRoute>, filter: Option<&TargetFilter>) -> Option<Arc<ModelRoute>> {
+    let Some(f) = filter else {
+        return Some(route);
+    };
+    let allowed: Vec<(Target, f64)> = route
+        .targets
+        .iter()
+        .filter(|(t, _)| (f.0)(&route.name, &t.label))
+        .cloned()
+        .collect();
+    if allowed.is_empty() {
+        None
+    } else if allowed.len() == route.targets.len() {
+        Some(route)
+    } else {
+        Some(Arc::new(ModelRoute {
+            name: route.name.clone(),
+            strategy: route.strategy,
+            targets: allowed,
+            policy: route.policy.clone(),
+        }))
+    }
+}
+
 /// A resolved virtual model: its targets (with weights), strategy and policy.
 #[derive(Debug)]
 pub struct ModelRoute {
