@@ -87,8 +87,11 @@ pub async fn authenticate(
         }
     };
     let mut req = req;
-    req.extensions_mut().insert(principal);
-    Ok(next.run(req).await)
+    req.extensions_mut().insert(principal.clone());
+    let mut resp = next.run(req).await;
+    // For the audit record written by the outer layer.
+    resp.extensions_mut().insert(principal);
+    Ok(resp)
 }
 
 #[cfg(test)]

@@ -15,6 +15,10 @@ use serde_json::json;
 
 use crate::providers::{UpstreamError, UpstreamErrorKind};
 
+/// The `code` of an error response, for the audit record and logs.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 /// Why a route produced no answer: the attempts made and the last upstream error.
 #[derive(Debug)]
 pub struct RouteFailure {
@@ -216,6 +220,7 @@ impl IntoResponse for ApiError {
             tracing::error!(detail = %detail, "internal error");
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
+        resp.extensions_mut().insert(ErrorCode(self.code()));
         let retry_after = match &self {
             ApiError::Upstream(e) => e.retry_after,
             ApiError::RateLimited { retry_after, .. } => *retry_after,

@@ -11,6 +11,7 @@ use crate::api::types::unix_now;
 use crate::auth::MasterKey;
 use crate::config::Config;
 use crate::governance::directory::Directory;
+use crate::governance::policy::Governance;
 use crate::providers::http::build_client;
 use crate::routing::catalog::Catalog;
 use crate::routing::Routes;
@@ -29,6 +30,7 @@ pub struct Inner {
     /// The configured bootstrap admin key (`server.master_key_env`), if set.
     pub master_key: Option<MasterKey>,
     pub directory: Directory,
+    pub governance: Governance,
     pub started: Instant,
     /// Start time in Unix seconds, reported as `created` of configured models.
     pub started_unix: i64,
@@ -52,6 +54,7 @@ impl AppState {
         let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;
         let directory =
             Directory::open(&store).map_err(|e| format!("cannot open the key directory: {e}"))?;
+        let governance = Governance::open(&store, &config.governance)?;
         Ok(AppState::new(Inner {
             routes: Routes::new(&config, &client, catalog),
             metrics,
@@ -60,6 +63,7 @@ impl AppState {
                 .or(config.server.master_key.as_deref())
                 .map(MasterKey::new),
             directory,
+            governance,
             started: Instant::now(),
             started_unix: unix_now(),
             config,

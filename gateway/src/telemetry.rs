@@ -16,6 +16,9 @@ use prometheus::{
 };
 
 use crate::config::LogFormat;
+use crate::error::ErrorCode;
+use crate::governance::model::Principal;
+use crate::ledger::{Op, RequestAudit};
 use crate::state::AppState;
 
 /// Latency buckets in seconds: fine near a millisecond (gateway overhead) up to minutes
@@ -97,6 +100,11 @@ impl Metrics {
     }
 }
 
+/// Marks a response whose request already has its audit record (model routes write it
+/// with their settlement); [`observe`] writes one for every other request.
+#[derive(Debug, Clone, Copy)]
+pub struct Audited;
+
 /// What a handler learned about a request, for the access log and metrics. Handlers
 /// put it in the response extensions; streaming handlers set `deferred` and record the
 /// outcome themselves when the stream ends.
@@ -127,8 +135,9 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         .unwrap_or("")
         .to_string();
     state.metrics.in_flight.inc();
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
     state.metrics.in_flight.dec();
+    audit(&state, &mut resp, &route, &path, &request_id, start).await;
     let info = resp
         .extensions()
         .get::<RequestInfo>()
@@ -155,6 +164,51 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         );
     }
     resp
+}
+
+/// Writes the audit record of every request a model route did not record itself, and
+/// of every administrative change, durably before the response leaves.
+async fn audit(
+    state: &AppState,
+    resp: &mut Response,
+    route: &str,
+    path: &str,
+    request_id: &str,
+    start: Instant,
+) {
+    let ledger = &state.governance.ledger;
+    if let Some(change) = resp.extensions_mut().remove::<crate::admin::AdminChange>() {
+        if let Err(e) = ledger.submit(vec![Op::Audit(change.into())]).await {
+            tracing::error!(error = %e, "cannot write the audit record of an admin change");
+        }
+        return;
+    }
+    if resp.extensions().get::<Audited>().is_some()
+        || crate::auth::is_open(path, state.config.server.metrics_open)
+    {
+        return;
+    }
+    let p = resp.extensions().get::<Principal>();
+    let info = resp.extensions().get::<RequestInfo>();
+    let audit = RequestAudit {
+        request_id: request_id.to_string(),
+        key_id: p.map_or_else(|| "-".to_string(), |p| p.key_id.clone()),
+        user_id: p.and_then(|p| p.user_id.clone()),
+        team_id: p.and_then(|p| p.team_id.clone()),
+        org_id: p.map(|p| p.org_id.clone()).unwrap_or_default(),
+        route: route.to_string(),
+        model: info.map(|i| i.model.clone()).unwrap_or_default(),
+        target: None,
+        attempts: info.map_or(0, |i| i.attempts),
+        latency_ms: start.elapsed().as_millis() as u64,
+        status: resp.status().as_u16(),
+        error_code: resp
+            .extensions()
+            .get::<ErrorCode>()
+            .map(|c| c.0.to_string()),
+        ..RequestAudit::default()
+    };
+    state.governance.audit_unadmitted(audit).await;
 }
 
 fn label(s: &str) -> &str {

@@ -1,13 +1,12 @@
 //! `POST /v1/chat/completions`: validate, route, call with failover, answer as JSON or SSE.
 
-use std::time::Instant;
-
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 
 use super::json::ApiJson;
+use super::respond::{Call, RequestId};
 use super::sse::{self, StreamLabels};
 use super::types::ChatCompletionRequest;
 use super::{respond, validate};
@@ -23,27 +22,22 @@ pub const ROUTE: &str = "/v1/chat/completions";
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    RequestId(request_id): RequestId,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Response {
-    let start = Instant::now();
-    let mut model = String::new();
-    let result = handle(&state, &principal, req, start, &mut model).await;
-    respond::finish(result, model, start)
+    let mut call = Call::new(state, principal, request_id);
+    let result = handle(&mut call, req).await;
+    call.finish(result).await
 }
 
-async fn handle(
-    state: &AppState,
-    principal: &Principal,
-    req: ChatCompletionRequest,
-    start: Instant,
-    model: &mut String,
-) -> Result<respond::Served, ApiError> {
+async fn handle(call: &mut Call, req: ChatCompletionRequest) -> Result<respond::Served, ApiError> {
     let mut req = req;
     validate::chat(&req)?;
-    let filter = super::access::filter(principal);
+    let state = call.state.clone();
+    let filter = super::access::filter(&call.principal);
     let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes, filter.as_ref())?;
     let route = super::access::resolve(&state.routes, &req.model, filter.as_ref())?;
-    model.clone_from(&route.name);
+    call.model.clone_from(&route.name);
     let facts = RequestFacts {
         prompt_tokens: estimate_chat_tokens(&req),
         output_cap: req.max_output_tokens().map(u64::from),
@@ -51,6 +45,7 @@ async fn handle(
         fallbacks,
         filter,
     };
+    call.admit(ROUTE, &route, &facts).await?;
     let req = &req;
     let routes = &state.routes;
     if req.is_stream() {
@@ -61,14 +56,15 @@ async fn handle(
         let labels = StreamLabels {
             route: ROUTE,
             model: route.name.clone(),
-            target: served.by.target.label.clone(),
-            start,
+            by: served.by.clone(),
+            start: call.start,
         };
         let resp = sse::respond(
             state.clone(),
             labels,
             served.value,
             req.wants_stream_usage(),
+            call.admission.take(),
         );
         Ok(respond::Served::stream(resp, served.by))
     } else {
@@ -85,6 +81,10 @@ async fn handle(
             );
         }
         let resp = Json(&served.value).into_response();
-        Ok(respond::Served::json(resp, served.by))
+        Ok(respond::Served::json(
+            resp,
+            served.by,
+            served.value.usage.clone(),
+        ))
     }
 }

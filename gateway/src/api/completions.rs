@@ -5,8 +5,6 @@
 //! turned back into `text_completion` objects, streamed or not. Only a single text
 //! prompt can be mapped; lists of prompts or token ids need a native target.
 
-use std::time::Instant;
-
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -15,6 +13,7 @@ use futures::StreamExt;
 use serde_json::Map;
 
 use super::json::ApiJson;
+use super::respond::{Call, RequestId};
 use super::sse::{self, StreamLabels};
 use super::types::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
@@ -33,27 +32,22 @@ pub const ROUTE: &str = "/v1/completions";
 pub async fn completions(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    RequestId(request_id): RequestId,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Response {
-    let start = Instant::now();
-    let mut model = String::new();
-    let result = handle(&state, &principal, req, start, &mut model).await;
-    respond::finish(result, model, start)
+    let mut call = Call::new(state, principal, request_id);
+    let result = handle(&mut call, req).await;
+    call.finish(result).await
 }
 
-async fn handle(
-    state: &AppState,
-    principal: &Principal,
-    req: CompletionRequest,
-    start: Instant,
-    model: &mut String,
-) -> Result<respond::Served, ApiError> {
+async fn handle(call: &mut Call, req: CompletionRequest) -> Result<respond::Served, ApiError> {
     let mut req = req;
     validate::completion(&req)?;
-    let filter = super::access::filter(principal);
+    let state = call.state.clone();
+    let filter = super::access::filter(&call.principal);
     let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes, filter.as_ref())?;
     let route = super::access::resolve(&state.routes, &req.model, filter.as_ref())?;
-    model.clone_from(&route.name);
+    call.model.clone_from(&route.name);
     let needs_mapping = route
         .targets
         .iter()
@@ -70,6 +64,7 @@ async fn handle(
         fallbacks,
         filter,
     };
+    call.admit(ROUTE, &route, &facts).await?;
     let (req, chat_form, routes) = (&req, &chat_form, &state.routes);
     if req.is_stream() {
         let served = execute::stream(routes, &route, &facts, |t| async move {
@@ -85,14 +80,15 @@ async fn handle(
         let labels = StreamLabels {
             route: ROUTE,
             model: route.name.clone(),
-            target: served.by.target.label.clone(),
-            start,
+            by: served.by.clone(),
+            start: call.start,
         };
         let resp = sse::respond(
             state.clone(),
             labels,
             served.value,
             req.wants_stream_usage(),
+            call.admission.take(),
         );
         Ok(respond::Served::stream(resp, served.by))
     } else {
@@ -118,6 +114,7 @@ async fn handle(
         Ok(respond::Served::json(
             Json(&served.value).into_response(),
             served.by,
+            served.value.usage.clone(),
         ))
     }
 }

@@ -8,7 +8,8 @@ use axum::Extension;
 use axum::Json;
 
 use super::json::ApiJson;
-use super::types::{EmbeddingInput, EmbeddingRequest, EncodingFormat};
+use super::respond::{Call, RequestId};
+use super::types::{EmbeddingInput, EmbeddingRequest, EncodingFormat, Usage};
 use super::{respond, validate};
 use crate::error::ApiError;
 use crate::governance::model::Principal;
@@ -20,26 +21,24 @@ use crate::state::AppState;
 pub async fn embeddings(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    RequestId(request_id): RequestId,
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Response {
-    let start = std::time::Instant::now();
-    let mut model = String::new();
-    let result = handle(&state, &principal, req, &mut model).await;
-    respond::finish(result, model, start)
+    let mut call = Call::new(state, principal, request_id);
+    let result = handle(&mut call, req).await;
+    call.finish(result).await
 }
 
-async fn handle(
-    state: &AppState,
-    principal: &Principal,
-    req: EmbeddingRequest,
-    model: &mut String,
-) -> Result<respond::Served, ApiError> {
+pub const ROUTE: &str = "/v1/embeddings";
+
+async fn handle(call: &mut Call, req: EmbeddingRequest) -> Result<respond::Served, ApiError> {
     let mut req = req;
     validate::embeddings(&req)?;
-    let filter = super::access::filter(principal);
+    let state = call.state.clone();
+    let filter = super::access::filter(&call.principal);
     let fallbacks = validate::take_fallbacks(&mut req.extra, &state.routes, filter.as_ref())?;
     let route = super::access::resolve(&state.routes, &req.model, filter.as_ref())?;
-    model.clone_from(&route.name);
+    call.model.clone_from(&route.name);
     if !route
         .targets
         .iter()
@@ -57,6 +56,7 @@ async fn handle(
         fallbacks,
         filter,
     };
+    call.admit(ROUTE, &route, &facts).await?;
     let req = &req;
     let served = execute::unary(&state.routes, &route, &facts, |t| async move {
         if !t.provider.capabilities().embeddings {
@@ -88,9 +88,11 @@ async fn handle(
         body.usage.prompt_tokens,
         0,
     );
+    let usage = Usage::new(body.usage.prompt_tokens, 0);
     Ok(respond::Served::json(
         Json(&body).into_response(),
         served.by,
+        Some(usage),
     ))
 }
 

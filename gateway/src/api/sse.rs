@@ -20,7 +20,9 @@ use serde::Serialize;
 
 use super::types::{ChatCompletionChunk, CompletionResponse, Usage};
 use crate::error::ApiError;
+use crate::governance::policy::{Admission, Outcome};
 use crate::providers::UpstreamError;
+use crate::routing::ServedBy;
 use crate::state::AppState;
 
 /// What the SSE writer needs to know about a streamed item.
@@ -55,18 +57,32 @@ impl StreamItem for CompletionResponse {
     }
 }
 
-/// Records a stream's outcome once, on completion or on drop.
-struct Outcome {
+/// Records a stream's outcome once, on completion or on drop: metrics, and the
+/// settlement and audit record of its admission.
+struct StreamRecord {
     state: AppState,
     route: &'static str,
     model: String,
     target: String,
+    by: ServedBy,
     start: Instant,
     status: Option<String>,
     usage: Option<Usage>,
+    admission: Option<Admission>,
 }
 
-impl Outcome {
+impl StreamRecord {
+    fn outcome(&self, status: u16, error_code: Option<String>) -> Outcome<'_> {
+        Outcome {
+            target: Some(&self.by.target),
+            usage: self.usage.as_ref(),
+            status,
+            error_code,
+            attempts: self.by.attempts,
+            routing: Some(self.by.route.clone()),
+        }
+    }
+
     fn set_usage(&mut self, u: &Usage) {
         self.usage = Some(u.clone());
     }
@@ -76,8 +92,12 @@ impl Outcome {
     }
 }
 
-impl Drop for Outcome {
+impl Drop for StreamRecord {
     fn drop(&mut self) {
+        if let Some(a) = self.admission.take() {
+            // The client went away mid-stream: settle what was used, in the background.
+            a.finish_detached(self.outcome(499, Some("client_closed".into())));
+        }
         let status = self
             .status
             .take()
@@ -105,7 +125,7 @@ impl Drop for Outcome {
 pub struct StreamLabels {
     pub route: &'static str,
     pub model: String,
-    pub target: String,
+    pub by: ServedBy,
     pub start: Instant,
 }
 
@@ -131,15 +151,18 @@ pub fn respond<T: StreamItem>(
     labels: StreamLabels,
     mut stream: BoxStream<'static, Result<T, UpstreamError>>,
     include_usage: bool,
+    admission: Option<Admission>,
 ) -> Response {
-    let mut outcome = Outcome {
+    let mut outcome = StreamRecord {
         state,
         route: labels.route,
         model: labels.model,
-        target: labels.target,
+        target: labels.by.target.label.clone(),
+        by: labels.by,
         start: labels.start,
         status: None,
         usage: None,
+        admission,
     };
     let body = async_stream::stream! {
         while let Some(item) = stream.next().await {
@@ -159,10 +182,24 @@ pub fn respond<T: StreamItem>(
                 Err(e) => {
                     let err = ApiError::Upstream(e);
                     tracing::warn!(code = err.code(), error = %err, "stream failed after it started");
+                    if let Some(a) = outcome.admission.take() {
+                        let o = outcome.outcome(err.status().as_u16(), Some(err.code().to_string()));
+                        if let Err(le) = a.finish(o).await {
+                            tracing::error!(error = %le, "cannot record a failed stream");
+                        }
+                    }
                     outcome.finish(err.code());
                     yield Ok(event(&err.body()));
                     return;
                 }
+            }
+        }
+        // [DONE] only once the settlement and audit record are durable.
+        if let Some(a) = outcome.admission.take() {
+            if let Err(e) = a.finish(outcome.outcome(200, None)).await {
+                outcome.finish(e.code());
+                yield Ok(event(&e.body()));
+                return;
             }
         }
         outcome.finish("200");

@@ -2,6 +2,9 @@
 //! (allow-lists), and how much (rate limits, token quotas, money budgets).
 
 pub mod access;
+pub mod budget;
 pub mod directory;
 pub mod keys;
+pub mod limits;
 pub mod model;
+pub mod policy;

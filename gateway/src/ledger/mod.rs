@@ -1,19 +1,99 @@
 //! The ledger: budget balances, open reservations, usage counters and the audit log,
 //! all durable through one writer with group commit.
 //!
-//! See `SPEC.md` beside this file for the on-disk layout.
+//! # On-disk layout
 //!
-//! Invariants:
-//! - One writer task owns all writes. Callers submit a batch of [`Op`]s and get an answer
-//!   only after the batch (together with every other batch collected in the same round)
-//!   was applied atomically to the `ledger` tree and `flush`ed: durable when acknowledged.
-//! - Audit records carry our own contiguous sequence numbers (never sled's `generate_id`)
-//!   and a SHA-256 chain: `hash = sha256(prev_hash || canonical record without hash)`.
-//! - A reservation is open from `OpenReservation` until `CloseReservation`; at `open`,
-//!   reservations left open by a crash are charged in full and noted in the audit log.
+//! One sled tree named `ledger` holds everything, under key prefixes, so that a whole
+//! group-commit round is one `Tree::apply_batch` (atomic) followed by one `flush`:
+//!
+//! | key | value |
+//! |---|---|
+//! | `b/<budget_key>` | [`BudgetBalance`] JSON |
+//! | `r/<reservation id, u64 big-endian>` | [`Reservation`] JSON |
+//! | `a/<seq, u64 big-endian>` | [`AuditRecord`] JSON (its canonical form, hash filled in) |
+//! | `u/<day YYYY-MM-DD>/<JSON of the other UsageKey fields>` | [`UsageCounters`] JSON |
+//! | `m/last_seq`, `m/retained_from`, `m/next_reservation` | u64 big-endian |
+//! | `m/last_hash`, `m/retained_hash` | 64 lowercase hex characters |
+//!
+//! A `budget_key` is `<scope key>|<period>|<window start>`, e.g. `team:t_1|monthly|2026-11`.
+//! The usage key's JSON has the fields `key_id, user_id, team_id, org_id, model, target`
+//! in that order (`usage`).
+//!
+//! # Invariants
+//!
+//! - One writer thread owns all writes (`writer`). Callers submit a batch of [`Op`]s and
+//!   get an answer only after the batch, together with every other batch collected in the
+//!   same round, was applied atomically to the `ledger` tree and `flush`ed: durable when
+//!   acknowledged. A batch is all-or-nothing: if one of its ops cannot be applied (a
+//!   corrupt stored record, an invalid usage day) the whole batch is refused and the
+//!   other batches of the round still commit. A failed store write fails every batch of
+//!   the round and the writer's view rolls back to the last durable state.
+//! - Audit records carry our own contiguous sequence numbers starting at 1 (never sled's
+//!   `generate_id`), timestamps that never decrease along the sequence, and a SHA-256
+//!   chain (`audit`): `hash = hex(sha256(prev_hash_hex || canonical_json))`, where
+//!   `canonical_json` is `serde_json` of the [`AuditRecord`] with `hash` set to `""`
+//!   (field order fixed by the struct), and the first record's `prev_hash` is 64 zeros.
+//!   `m/last_seq` and `m/last_hash` are written in the same batch as the records, so a
+//!   record removed from the end is detected too.
+//! - Retention deletes the oldest records and, in the same batch, records the checkpoint
+//!   `m/retained_from` (the first kept seq) and `m/retained_hash` (the hash of the last
+//!   deleted record); [`verify`] starts from it. Retention only deletes records the chain
+//!   vouches for, so it never erases the evidence of tampering.
+//! - A reservation is open from `OpenReservation` until `CloseReservation`; at
+//!   [`Ledger::open`], reservations left open by a crash are charged in full, deleted, and
+//!   noted with one `ReservationRecovered` audit record each, all in one durable batch.
+//!   Closing an id that is not open (most often: recovery already charged it in full)
+//!   changes no balance, so nothing is charged twice; it is logged at warn and succeeds.
+//! - Reservation ids come from our own counter: `m/next_reservation` is a durable
+//!   high-water mark reserved 1024 ids at a time, and a restart starts at the mark, so
+//!   ids are unique across restarts (unused ids of the last block are skipped).
 //! - No sled transactions: a single tree's `apply_batch` is atomic.
+//!
+//! # Lifecycle
+//!
+//! [`Ledger`] is a cheap clone. Dropping the last handle closes the writer's queue; the
+//! drop waits until the writer has committed everything queued before it and let go of
+//! the tree. (sled's own I/O threads may hold the database file lock a moment longer, so
+//! reopening the store in the same process should retry on `StoreError::Locked`.)
+//!
+//! # Module map
+//!
+//! `handle` (the [`Ledger`] API, open and recovery, reservation ids), `writer` (the
+//! writer thread and group commit), `audit` (hash chain, [`verify`], [`export`],
+//! retention), `usage` (usage keys and counters), `keys` (tree layout), `tests`.
+
+mod audit;
+mod handle;
+mod keys;
+mod usage;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use audit::{export, verify, ExportFilter, VerifyReport, GENESIS_HASH};
+pub use handle::{Ledger, LedgerOptions, Recovered};
 
 use serde::{Deserialize, Serialize};
+
+/// Why a ledger call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger store I/O failed: {0}")]
+    Store(#[from] sled::Error),
+    #[error("the ledger writer has stopped")]
+    WriterGone,
+    #[error("corrupt ledger record under `{key}`: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("invalid ledger operation: {0}")]
+    InvalidOp(String),
+    #[error("cannot encode a ledger record: {0}")]
+    Encode(String),
+    #[error("cannot write the export: {0}")]
+    Export(String),
+    #[error("cannot start the ledger writer thread: {0}")]
+    Spawn(String),
+}
 
 /// One change to budget balances: an amount against one budget window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
