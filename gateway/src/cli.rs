@@ -35,6 +35,81 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The audit log: verify the hash chain, export records (reads the store directly;
+    /// stop the server first, or use `airlock admin GET /admin/audit/verify`).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Usage analytics from the store (stop the server first, or use
+    /// `airlock admin GET /admin/usage`).
+    Usage(UsageArgs),
+    /// Call the admin API of a running server: `airlock admin POST /admin/keys --data '{..}'`.
+    Admin(AdminArgs),
+}
+
+/// Where the store is: the config's `server.data_dir`, or `--data-dir`.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    #[arg(long, short, env = "AIRLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "AIRLOCK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk the whole chain; name the first record altered, removed or reordered.
+    Verify(StoreArgs),
+    /// Write records as JSON lines to stdout (or --out).
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// From this time (Unix milliseconds, inclusive).
+        #[arg(long)]
+        from: Option<i64>,
+        /// Until this time (Unix milliseconds, exclusive).
+        #[arg(long)]
+        to: Option<i64>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct UsageArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// First day, YYYY-MM-DD (default: all).
+    #[arg(long, default_value = "0000-01-01")]
+    from: String,
+    /// Last day, YYYY-MM-DD (default: far future).
+    #[arg(long, default_value = "9999-12-31")]
+    to: String,
+    /// key | user | team | org | model | target | day
+    #[arg(long, default_value = "model")]
+    group_by: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// GET, POST, PATCH or DELETE.
+    method: String,
+    /// A path under /admin, e.g. /admin/keys.
+    path: String,
+    /// JSON body.
+    #[arg(long)]
+    data: Option<String>,
+    /// The server's base URL.
+    #[arg(long, env = "AIRLOCK_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An admin key (or a team admin's, for its team).
+    #[arg(long, env = "AIRLOCK_ADMIN_KEY", hide_env_values = true)]
+    key: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,6 +137,215 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Serve(args) => serve(args),
+        Command::Audit(AuditCommand::Verify(store)) => audit_verify(&store),
+        Command::Audit(AuditCommand::Export {
+            store,
+            from,
+            to,
+            key,
+            team,
+            model,
+            out,
+        }) => audit_export(
+            &store,
+            &crate::ledger::ExportFilter {
+                from_ts: from,
+                to_ts: to,
+                key_id: key,
+                team_id: team,
+                model,
+            },
+            out.as_deref(),
+        ),
+        Command::Usage(args) => usage(&args),
+        Command::Admin(args) => admin(&args),
+    }
+}
+
+/// Opens the ledger tree of the store named by `args`, for reading.
+fn ledger_tree(args: &StoreArgs) -> Result<sled::Tree, ExitCode> {
+    let data_dir = match (&args.data_dir, &args.config) {
+        (Some(d), _) => d.clone(),
+        (None, Some(path)) => match Config::load(path, &ProcessEnv, SecretPolicy::Ignore) {
+            Ok(c) => c.server.data_dir,
+            Err(e) => {
+                eprint!("{e}");
+                return Err(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+        (None, None) => PathBuf::from(crate::config::DEFAULT_DATA_DIR),
+    };
+    if !data_dir.join("db").exists() {
+        eprintln!("error: no store in {}", data_dir.display());
+        return Err(ExitCode::from(EXIT_IO));
+    }
+    let store = Store::open(&data_dir).map_err(|e| {
+        eprintln!("error: {e}");
+        if matches!(e, crate::store::StoreError::Locked(_)) {
+            eprintln!("hint: a running airlock holds it; ask it instead: airlock admin GET /admin/audit/verify");
+        }
+        ExitCode::from(EXIT_IO)
+    })?;
+    store.tree(crate::ledger::TREE_NAME).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_IO)
+    })
+}
+
+fn audit_verify(args: &StoreArgs) -> ExitCode {
+    let tree = match ledger_tree(args) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let report = crate::ledger::verify(&tree);
+    match &report.first_bad {
+        None => {
+            println!("audit log OK: {} records", report.records);
+            ExitCode::SUCCESS
+        }
+        Some((seq, why)) => {
+            println!(
+                "audit log BROKEN at record {seq}: {why} ({} good records before it)",
+                report.records
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_export(
+    args: &StoreArgs,
+    filter: &crate::ledger::ExportFilter,
+    out: Option<&Path>,
+) -> ExitCode {
+    let tree = match ledger_tree(args) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let mut sink: Box<dyn Write> = match out {
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Box::new(std::io::BufWriter::new(f)),
+            Err(e) => {
+                eprintln!("error: cannot write {}: {e}", p.display());
+                return ExitCode::from(EXIT_IO);
+            }
+        },
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    match crate::ledger::export(&tree, filter, &mut sink).and_then(|n| {
+        sink.flush()
+            .map(|()| n)
+            .map_err(|e| crate::ledger::LedgerError::Export(e.to_string()))
+    }) {
+        Ok(n) => {
+            eprintln!("exported {n} records");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_IO)
+        }
+    }
+}
+
+fn usage(args: &UsageArgs) -> ExitCode {
+    let tree = match ledger_tree(&args.store) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let rows = match crate::ledger::read_usage(&tree, &args.from, &args.to) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_IO);
+        }
+    };
+    match crate::admin::ledger::group_usage(rows, &args.group_by) {
+        Ok(data) => {
+            println!(
+                "{:<40} {:>10} {:>8} {:>14} {:>14} {:>12}",
+                args.group_by, "requests", "errors", "prompt_tok", "completion_tok", "cost_usd"
+            );
+            for r in data {
+                println!(
+                    "{:<40} {:>10} {:>8} {:>14} {:>14} {:>12.6}",
+                    r[args.group_by.as_str()].as_str().unwrap_or(""),
+                    r["requests"].as_u64().unwrap_or(0),
+                    r["errors"].as_u64().unwrap_or(0),
+                    r["prompt_tokens"].as_u64().unwrap_or(0),
+                    r["completion_tokens"].as_u64().unwrap_or(0),
+                    r["cost_usd"].as_f64().unwrap_or(0.0)
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(m) => {
+            eprintln!("error: {m}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn admin(args: &AdminArgs) -> ExitCode {
+    let method = match reqwest::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes()) {
+        Ok(m) => m,
+        Err(_) => {
+            eprintln!("error: {:?} is not an HTTP method", args.method);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if !args.path.starts_with("/admin") {
+        eprintln!("error: the path must start with /admin");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let defaults = crate::config::Config::embedded(&[("", "")]).map(|c| c.upstream);
+    let client = match defaults
+        .map_err(|e| e.to_string())
+        .and_then(|d| crate::providers::http::build_client(&d))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = format!("{}{}", args.url.trim_end_matches('/'), args.path);
+    let mut rb = client.request(method, &url).bearer_auth(&args.key);
+    if let Some(d) = &args.data {
+        rb = rb
+            .header("content-type", "application/json")
+            .body(d.clone());
+    }
+    let result = runtime.block_on(async {
+        let resp = rb.send().await?;
+        let status = resp.status();
+        let body = resp.text().await?;
+        Ok::<_, reqwest::Error>((status, body))
+    });
+    match result {
+        Ok((status, body)) => {
+            println!("{body}");
+            if status.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: HTTP {status}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_IO)
+        }
     }
 }
 
@@ -187,10 +471,27 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_IO);
         }
     }
+    // Last-use times are kept in memory on the hot path and written every few seconds.
+    let directory = state.directory.clone();
+    let flusher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            if let Err(e) = directory.flush_last_used() {
+                tracing::warn!(error = %e, "cannot record key last-use times");
+            }
+        }
+    });
+    let directory = state.directory.clone();
     // The one line on stdout: tests and scripts read the bound address from it.
     println!("airlock listening on http://{addr}");
     let _ = std::io::stdout().flush();
-    match crate::server::serve(state, listener, crate::server::shutdown_signal()).await {
+    let served = crate::server::serve(state, listener, crate::server::shutdown_signal()).await;
+    flusher.abort();
+    if let Err(e) = directory.flush_last_used() {
+        tracing::warn!(error = %e, "cannot record key last-use times at shutdown");
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

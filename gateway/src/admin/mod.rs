@@ -29,6 +29,7 @@
 //!   and short), so a change is complete even if the client goes away mid-request.
 
 mod error;
+pub mod ledger;
 mod routes;
 
 use axum::extract::{FromRequestParts, OriginalUri};
@@ -52,6 +53,8 @@ pub const PREFIX: &str = "/admin";
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub directory: Directory,
+    /// Budgets, usage and the audit log (`None` in tests of the directory routes only).
+    pub governance: Option<crate::governance::policy::Governance>,
 }
 
 /// One administrative change, for the audit log. Found in the response extensions of
@@ -128,6 +131,11 @@ where
             get(get_key).patch(update_key).delete(delete_key),
         )
         .route("/keys/{id}/revoke", post(revoke_key))
+        .route("/budgets", get(ledger::budgets))
+        .route("/usage", get(ledger::usage))
+        .route("/audit", get(ledger::audit))
+        .route("/audit/verify", get(ledger::verify))
+        .route("/audit/export", get(ledger::export))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -41,6 +41,7 @@ fn app(d: &Directory) -> Router {
         .nest(
             PREFIX,
             router(AdminState {
+                governance: None,
                 directory: d.clone(),
             }),
         )
@@ -504,6 +505,7 @@ async fn no_key_or_a_bad_key_is_401_everywhere() {
     // Without the auth layer (mis-wired), the router fails closed.
     let bare = router::<()>(AdminState {
         directory: w.d.clone(),
+        governance: None,
     });
     let resp = bare
         .oneshot(Request::get("/me").body(Body::empty()).unwrap())

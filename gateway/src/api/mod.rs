@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
             crate::admin::PREFIX,
             crate::admin::router(crate::admin::AdminState {
                 directory: state.directory.clone(),
+                governance: Some(state.governance.clone()),
             }),
         )
         .fallback(unknown_route)

@@ -307,6 +307,11 @@ impl Ledger {
     }
 
     /// Reservations open now, by id.
+    /// The ledger tree, for [`super::verify`] and [`super::export`].
+    pub fn tree(&self) -> &sled::Tree {
+        &self.inner.tree
+    }
+
     pub fn open_reservations(&self) -> Result<Vec<Reservation>, LedgerError> {
         read_reservations(&self.inner.tree)
     }

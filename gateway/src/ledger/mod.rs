@@ -74,6 +74,18 @@ mod tests;
 pub use audit::{export, verify, ExportFilter, VerifyReport, GENESIS_HASH};
 pub use handle::{Ledger, LedgerOptions, Recovered};
 
+/// The name of the ledger's sled tree, for readers that open the store directly (CLI).
+pub const TREE_NAME: &str = keys::TREE;
+
+/// Usage rows with `from_day <= day <= to_day` read straight from a tree (CLI).
+pub fn read_usage(
+    tree: &sled::Tree,
+    from_day: &str,
+    to_day: &str,
+) -> Result<Vec<(UsageKey, UsageCounters)>, LedgerError> {
+    usage::range(tree, from_day, to_day)
+}
+
 use serde::{Deserialize, Serialize};
 
 /// Why a ledger call failed.
