@@ -84,6 +84,11 @@ impl Call {
         Ok(())
     }
 
+    /// Whether this call's audit record may hold request and answer text.
+    pub fn logs_content(&self) -> bool {
+        self.admission.as_ref().is_some_and(Admission::logs_content)
+    }
+
     pub async fn finish(self, result: Result<Served, ApiError>) -> Response {
         finish(result, self.model, self.start, self.admission).await
     }
@@ -95,6 +100,8 @@ pub struct Served {
     by: ServedBy,
     usage: Option<Usage>,
     streamed: bool,
+    /// Request and answer, for teams that opted in to content in audit records.
+    pub content: Option<serde_json::Value>,
 }
 
 impl Served {
@@ -104,6 +111,7 @@ impl Served {
             by,
             usage,
             streamed: false,
+            content: None,
         }
     }
 
@@ -114,6 +122,7 @@ impl Served {
             by,
             usage: None,
             streamed: true,
+            content: None,
         }
     }
 }
@@ -139,6 +148,7 @@ pub async fn finish(
                     error_code: None,
                     attempts: s.by.attempts,
                     routing: Some(s.by.route.clone()),
+                    content: s.content.clone(),
                 };
                 if let Err(e) = a.finish(outcome).await {
                     return e.into_response();

@@ -80,6 +80,7 @@ impl StreamRecord {
             error_code,
             attempts: self.by.attempts,
             routing: Some(self.by.route.clone()),
+            content: None,
         }
     }
 

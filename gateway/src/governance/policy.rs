@@ -146,6 +146,8 @@ pub struct Outcome<'a> {
     pub error_code: Option<String>,
     pub attempts: u32,
     pub routing: Option<String>,
+    /// Request and response text; recorded only when the caller's team opted in.
+    pub content: Option<serde_json::Value>,
 }
 
 impl Governance {
@@ -340,7 +342,11 @@ impl Admission {
             error_code: o.error_code.clone(),
             routing: o.routing.clone(),
             policy: std::mem::take(&mut self.policy),
-            content: None,
+            content: if self.principal.log_content {
+                o.content.clone()
+            } else {
+                None
+            },
         })));
         ops
     }
@@ -357,6 +363,11 @@ impl Admission {
     }
 
     /// Settles in the background (the client went away; nobody waits).
+    /// Whether the caller's team opted in to content in audit records.
+    pub fn logs_content(&self) -> bool {
+        self.principal.log_content
+    }
+
     pub fn finish_detached(mut self, o: Outcome<'_>) {
         let ops = self.ops(&o);
         let ledger = self.gov.ledger.clone();
