@@ -7,6 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+/// sled page cache size.
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -39,8 +42,11 @@ impl Store {
             path: path.clone(),
             source: sled::Error::Io(e),
         })?;
+        // sled's default page cache is 1 GiB; the gateway's hot data is small (the
+        // ledger's recent pages and the directory), so keep resident memory modest.
         let db = sled::Config::new()
             .path(&path)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {

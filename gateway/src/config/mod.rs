@@ -72,6 +72,9 @@ pub struct GovernanceConfig {
     pub audit_retention: Option<Duration>,
     /// Output tokens reserved when neither the request nor the catalog gives a cap.
     pub default_max_output_tokens: u64,
+    /// Per-request audit records and usage counters; off only for bare proxying (admin
+    /// changes and budget settlements are recorded regardless).
+    pub record_requests: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -461,6 +464,7 @@ fn governance(raw: RawGovernance, env: &dyn Env, p: &mut Problems) -> Governance
         None => 4096,
     };
     GovernanceConfig {
+        record_requests: raw.record_requests.unwrap_or(true),
         admin_key: env.var(&admin_key_env),
         admin_key_env,
         audit_retention,

@@ -69,6 +69,8 @@ pub struct Governance {
     pub budgets: Budgets,
     pub ledger: Ledger,
     pub default_max_output_tokens: u64,
+    /// Whether requests get audit records and usage counters (see `GovernanceConfig`).
+    pub record_requests: bool,
 }
 
 /// Why a request was refused by policy.
@@ -179,12 +181,16 @@ impl Governance {
             budgets,
             ledger,
             default_max_output_tokens: cfg.default_max_output_tokens,
+            record_requests: cfg.record_requests,
         })
     }
 
     /// Records a request that was never admitted (refused at the edge, invalid,
     /// unauthenticated), durably.
     pub async fn audit_unadmitted(&self, audit: RequestAudit) {
+        if !self.record_requests {
+            return;
+        }
         if let Err(e) = self
             .ledger
             .submit(vec![Op::Audit(AuditEvent::Request(audit))])
@@ -303,6 +309,9 @@ impl Admission {
             let settlement = r.settle(cost, prompt + completion);
             ops.extend(settlement.ops);
         }
+        if !self.gov.record_requests {
+            return ops;
+        }
         let now = now_ms();
         let target = o.target.map(|t| t.label.clone());
         ops.push(Op::Usage {
@@ -354,6 +363,9 @@ impl Admission {
     /// Settles and audits durably; returns once the ledger acknowledged.
     pub async fn finish(mut self, o: Outcome<'_>) -> Result<(), ApiError> {
         let ops = self.ops(&o);
+        if ops.is_empty() {
+            return Ok(());
+        }
         self.gov
             .ledger
             .submit(ops)
@@ -370,6 +382,9 @@ impl Admission {
 
     pub fn finish_detached(mut self, o: Outcome<'_>) {
         let ops = self.ops(&o);
+        if ops.is_empty() {
+            return;
+        }
         let ledger = self.gov.ledger.clone();
         tokio::spawn(async move {
             if let Err(e) = ledger.submit(ops).await {
