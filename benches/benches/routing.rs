@@ -17,6 +17,7 @@ fn routing_decision(c: &mut Criterion) {
         output_cap: Some(256),
         stream: false,
         fallbacks: Vec::new(),
+        filter: None,
     };
     // Give latency-aware strategies something to rank.
     for route in ["latency", "hybrid"] {

@@ -483,10 +483,12 @@ async fn run(cfg: Config) -> ExitCode {
         }
     });
     let directory = state.directory.clone();
+    // Signal handlers first, so a SIGTERM right after the address line stops cleanly.
+    let shutdown = crate::server::shutdown_signal();
     // The one line on stdout: tests and scripts read the bound address from it.
     println!("airlock listening on http://{addr}");
     let _ = std::io::stdout().flush();
-    let served = crate::server::serve(state, listener, crate::server::shutdown_signal()).await;
+    let served = crate::server::serve(state, listener, shutdown).await;
     flusher.abort();
     if let Err(e) = directory.flush_last_used() {
         tracing::warn!(error = %e, "cannot record key last-use times at shutdown");

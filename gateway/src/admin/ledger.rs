@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -21,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::AdminError;
+use super::routes::query;
 use super::{Actor, AdminState};
 use crate::error::ApiError;
 use crate::governance::access::{can, Action, Resource};
@@ -51,10 +53,10 @@ fn bad(param: &str, message: String) -> AdminError {
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetQuery {
-    scope: String,
+    scope: Option<String>,
 }
 
 fn parse_scope(s: &str) -> Option<Scope> {
@@ -85,22 +87,21 @@ fn limits_of(state: &AdminState, scope: &Scope) -> Option<Limits> {
 pub async fn budgets(
     State(state): State<AdminState>,
     actor: Actor,
-    Query(q): Query<BudgetQuery>,
+    q: Result<Query<BudgetQuery>, QueryRejection>,
 ) -> Result<Json<Value>, AdminError> {
     gate(&actor, Resource::Usage)?;
+    let q = query(q)?;
     let gov = governance(&state)?;
-    let scope = parse_scope(&q.scope).ok_or_else(|| {
+    let raw = q.scope.unwrap_or_default();
+    let scope = parse_scope(&raw).ok_or_else(|| {
         bad(
             "scope",
-            format!(
-                "Invalid 'scope': {:?} is not key:<id>, user:<id>, team:<id> or org:<id>.",
-                q.scope
-            ),
+            format!("Invalid 'scope': {raw:?} is not key:<id>, user:<id>, team:<id> or org:<id>."),
         )
     })?;
     let limits = limits_of(&state, &scope).ok_or_else(|| AdminError::NotFound {
         kind: "scope",
-        id: q.scope.clone(),
+        id: raw.clone(),
     })?;
     let mut rows = gov.budgets.status(&scope, None);
     if let Some(cur) = gov
@@ -110,12 +111,10 @@ pub async fn budgets(
         rows.retain(|r| r.budget_key != cur.budget_key);
         rows.push(cur);
     }
-    Ok(Json(
-        json!({"object": "list", "scope": q.scope, "data": rows}),
-    ))
+    Ok(Json(json!({"object": "list", "scope": raw, "data": rows})))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     from: Option<String>,
@@ -137,9 +136,10 @@ fn valid_day(d: &str) -> bool {
 pub async fn usage(
     State(state): State<AdminState>,
     actor: Actor,
-    Query(q): Query<UsageQuery>,
+    q: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, AdminError> {
     gate(&actor, Resource::Usage)?;
+    let q = query(q)?;
     let gov = governance(&state)?;
     let today = crate::governance::budget::window_start(
         crate::governance::model::Period::Daily,
@@ -207,7 +207,7 @@ pub fn group_usage(
         .collect())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     from_seq: Option<u64>,
@@ -217,9 +217,10 @@ pub struct AuditQuery {
 pub async fn audit(
     State(state): State<AdminState>,
     actor: Actor,
-    Query(q): Query<AuditQuery>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<Value>, AdminError> {
     gate(&actor, Resource::Audit)?;
+    let q = query(q)?;
     let gov = governance(&state)?;
     let limit = q.limit.unwrap_or(100).min(1000);
     let records = gov
@@ -245,7 +246,7 @@ pub async fn verify(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportQuery {
     from_ts: Option<i64>,
@@ -258,9 +259,10 @@ pub struct ExportQuery {
 pub async fn export(
     State(state): State<AdminState>,
     actor: Actor,
-    Query(q): Query<ExportQuery>,
+    q: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
     gate(&actor, Resource::Audit)?;
+    let q = query(q)?;
     let gov = governance(&state)?;
     let filter = ExportFilter {
         from_ts: q.from_ts,

@@ -112,7 +112,7 @@ fn path_id(
     p.map(|Path(id)| id).map_err(|_| hidden(kind, "?"))
 }
 
-fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
+pub(super) fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
     match q {
         Ok(Query(v)) => Ok(v),
         Err(e) => Err(ApiError::invalid(

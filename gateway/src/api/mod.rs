@@ -66,6 +66,14 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        // Ids are the gateway's own: a client-sent one would let it choose what the
+        // audit log records.
+        .layer(middleware::map_request(
+            |mut req: axum::extract::Request| async move {
+                req.headers_mut().remove(REQUEST_ID);
+                req
+            },
+        ))
         .with_state(state)
 }
 

@@ -154,6 +154,7 @@ pub fn respond<T: StreamItem>(
     include_usage: bool,
     admission: Option<Admission>,
 ) -> Response {
+    let soft_warning = admission.as_ref().is_some_and(|a| a.soft_warning);
     let mut outcome = StreamRecord {
         state,
         route: labels.route,
@@ -214,5 +215,11 @@ pub fn respond<T: StreamItem>(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if soft_warning {
+        h.insert(
+            "x-airlock-budget-warning",
+            HeaderValue::from_static("soft budget threshold exceeded"),
+        );
+    }
     resp
 }

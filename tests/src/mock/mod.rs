@@ -34,7 +34,7 @@ pub mod openai;
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,6 +181,7 @@ pub struct MockState {
     sticky: Mutex<Option<Fault>>,
     usages: Mutex<Vec<Usage>>,
     counter: AtomicU64,
+    completion_is_max_tokens: AtomicBool,
 }
 
 impl fmt::Debug for MockState {
@@ -218,6 +219,16 @@ impl MockState {
 
     pub(crate) fn record_usage(&self, usage: Usage) {
         self.usages.lock().unwrap().push(usage);
+    }
+
+    /// The completion tokens to report: the request's `max_tokens` when
+    /// [`MockUpstream::report_max_tokens_as_completion`] is on and the request set one,
+    /// else `words` (the words of the reply, the default).
+    pub(crate) fn completion_tokens(&self, words: u64, max_tokens: Option<u64>) -> u64 {
+        match max_tokens {
+            Some(m) if self.completion_is_max_tokens.load(Ordering::Relaxed) => m,
+            _ => words,
+        }
     }
 }
 
@@ -268,6 +279,7 @@ impl MockUpstream {
             sticky: Mutex::new(None),
             usages: Mutex::new(Vec::new()),
             counter: AtomicU64::new(0),
+            completion_is_max_tokens: AtomicBool::new(false),
         });
         let router = match kind {
             ProviderKind::OpenAi => openai::router(state.clone()),
@@ -336,6 +348,15 @@ impl MockUpstream {
             .unwrap()
             .last()
             .expect("mock sent no reply with usage")
+    }
+
+    /// OpenAI chat: when on, every reply reports `completion_tokens` equal to the
+    /// request's `max_tokens` (or `max_completion_tokens`) when it sets one, whatever the
+    /// text, so a test can make each request cost exactly its worst case. Off by default.
+    pub fn report_max_tokens_as_completion(&self, on: bool) {
+        self.state
+            .completion_is_max_tokens
+            .store(on, Ordering::Relaxed);
     }
 
     /// Inject `fault` into the next request only (faults queue up in order).

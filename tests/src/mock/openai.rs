@@ -246,7 +246,7 @@ async fn chat(State(st): State<Arc<MockState>>, headers: HeaderMap, body: Bytes)
     };
     let usage = Usage {
         prompt: prompt_words,
-        completion: completion * n,
+        completion: st.completion_tokens(completion * n, max_tokens(&req)),
     };
     st.record_usage(usage);
     let usage_json = json!({
