@@ -35,6 +35,7 @@ pub struct Metrics {
     duration: HistogramVec,
     tokens: IntCounterVec,
     in_flight: IntGauge,
+    budget_warnings: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -64,6 +65,11 @@ impl Metrics {
             &["model", "target", "kind"],
         )?;
         let in_flight = IntGauge::new("airlock_requests_in_flight", "Requests being served now")?;
+        let budget_warnings = prometheus::IntCounter::new(
+            "airlock_budget_soft_threshold_total",
+            "Requests answered while a budget was above its soft threshold",
+        )?;
+        registry.register(Box::new(budget_warnings.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
@@ -74,6 +80,7 @@ impl Metrics {
             duration,
             tokens,
             in_flight,
+            budget_warnings,
         })
     }
 
@@ -90,6 +97,11 @@ impl Metrics {
         self.tokens
             .with_label_values(&[model, target, "completion"])
             .inc_by(completion);
+    }
+
+    /// Counts a request answered above a soft budget threshold.
+    pub fn budget_warning(&self) {
+        self.budget_warnings.inc();
     }
 
     pub fn render(&self) -> String {

@@ -83,6 +83,7 @@ async fn handle(call: &mut Call, req: CompletionRequest) -> Result<respond::Serv
             by: served.by.clone(),
             start: call.start,
         };
+        let soft_warning = call.admission.as_ref().is_some_and(|a| a.soft_warning);
         let resp = sse::respond(
             state.clone(),
             labels,
@@ -90,7 +91,9 @@ async fn handle(call: &mut Call, req: CompletionRequest) -> Result<respond::Serv
             req.wants_stream_usage(),
             call.admission.take(),
         );
-        Ok(respond::Served::stream(resp, served.by))
+        let mut out = respond::Served::stream(resp, served.by);
+        out.soft_warning = soft_warning;
+        Ok(out)
     } else {
         let served = execute::unary(routes, &route, &facts, |t| async move {
             match (t.provider.capabilities().legacy_completions, chat_form) {

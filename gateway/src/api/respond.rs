@@ -90,7 +90,8 @@ impl Call {
     }
 
     pub async fn finish(self, result: Result<Served, ApiError>) -> Response {
-        finish(result, self.model, self.start, self.admission).await
+        let metrics = self.state.metrics.clone();
+        finish(result, self.model, self.start, self.admission, &metrics).await
     }
 }
 
@@ -102,6 +103,8 @@ pub struct Served {
     streamed: bool,
     /// Request and answer, for teams that opted in to content in audit records.
     pub content: Option<serde_json::Value>,
+    /// A stream's admission (moved into the stream) was above a soft threshold.
+    pub soft_warning: bool,
 }
 
 impl Served {
@@ -112,6 +115,7 @@ impl Served {
             usage,
             streamed: false,
             content: None,
+            soft_warning: false,
         }
     }
 
@@ -123,6 +127,7 @@ impl Served {
             usage: None,
             streamed: true,
             content: None,
+            soft_warning: false,
         }
     }
 }
@@ -135,8 +140,10 @@ pub async fn finish(
     model: String,
     start: Instant,
     admission: Option<Admission>,
+    metrics: &crate::telemetry::Metrics,
 ) -> Response {
-    let soft_warning = admission.as_ref().is_some_and(|a| a.soft_warning);
+    let soft_warning = admission.as_ref().is_some_and(|a| a.soft_warning)
+        || result.as_ref().is_ok_and(|s| s.soft_warning);
     let audited = admission.is_some() || result.as_ref().is_ok_and(|s| s.streamed);
     let mut resp = match result {
         Ok(s) => {
@@ -207,6 +214,7 @@ pub async fn finish(
         }
     };
     if soft_warning {
+        metrics.budget_warning();
         resp.headers_mut().insert(
             "x-airlock-budget-warning",
             HeaderValue::from_static("soft budget threshold exceeded"),

@@ -211,6 +211,14 @@ impl Governance {
         facts: &RequestFacts,
     ) -> Result<Admission, ApiError> {
         let mut policy = Vec::new();
+        if !principal.allow.is_empty() {
+            let labels: Vec<&str> = route
+                .targets
+                .iter()
+                .map(|(t, _)| t.label.as_str())
+                .collect();
+            policy.push(format!("allow-list: {}", labels.join(", ")));
+        }
         let guard = self
             .limiter
             .admit(principal, Instant::now(), facts.need())
