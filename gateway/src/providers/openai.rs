@@ -101,33 +101,34 @@ where
                 done = true;
                 break;
             }
-            let value: Value = match serde_json::from_str(data) {
-                Ok(v) => v,
-                Err(e) => {
-                    yield Err(UpstreamError::new(
-                        UpstreamErrorKind::InvalidResponse,
-                        &up.name,
-                        format!("stream event is not JSON: {e}"),
-                    ));
-                    return;
+            // One parse on the hot path: straight into the chunk type. Only an event
+            // that is not a chunk is looked at again, to tell an error event apart.
+            let err = match serde_json::from_str::<T>(data) {
+                Ok(item) => {
+                    yield Ok(item);
+                    continue;
                 }
+                Err(e) => e,
             };
-            if value.get("error").is_some_and(|e| !e.is_null()) {
-                let msg = super::http::error_message(data.as_bytes(), 200);
-                yield Err(UpstreamError::new(UpstreamErrorKind::StreamError, &up.name, msg));
-                return;
-            }
-            match serde_json::from_value::<T>(value) {
-                Ok(item) => yield Ok(item),
-                Err(e) => {
-                    yield Err(UpstreamError::new(
-                        UpstreamErrorKind::InvalidResponse,
-                        &up.name,
-                        format!("unparseable stream event: {e}"),
-                    ));
-                    return;
-                }
-            }
+            let error = match serde_json::from_str::<Value>(data) {
+                Err(e) => UpstreamError::new(
+                    UpstreamErrorKind::InvalidResponse,
+                    &up.name,
+                    format!("stream event is not JSON: {e}"),
+                ),
+                Ok(v) if v.get("error").is_some_and(|e| !e.is_null()) => UpstreamError::new(
+                    UpstreamErrorKind::StreamError,
+                    &up.name,
+                    super::http::error_message(data.as_bytes(), 200),
+                ),
+                Ok(_) => UpstreamError::new(
+                    UpstreamErrorKind::InvalidResponse,
+                    &up.name,
+                    format!("unparseable stream event: {err}"),
+                ),
+            };
+            yield Err(error);
+            return;
         }
         if !done {
             yield Err(UpstreamError::new(
