@@ -1,6 +1,23 @@
 //! `airlock-runtime`: serving local models in-process.
 //!
-//! Owns, once it lands (see ARCHITECTURE.md): the registry of registered weights,
-//! one engine thread per loaded model, bounded admission, continuous batching,
-//! sampling and streaming. It never does HTTP, keys, budgets or provider logic. It
-//! holds no code yet: the gateway core (external providers) is the first milestone.
+//! Owns the engine ([`Engine`]): one dedicated thread per loaded model that owns the
+//! model, fed by a bounded queue (full -> [`RuntimeError::Overloaded`] at once);
+//! sampling ([`SamplingParams`], [`Sampler`]) with OpenAI semantics and a seeded RNG
+//! per request; stop strings ([`StopMatcher`]) matched across token boundaries with
+//! hold-back; streaming [`Event`]s over a tokio channel.
+//!
+//! Invariants: requests run one at a time (continuous batching comes later); a prompt
+//! plus `max_tokens` that exceeds the context is refused at submit, never truncated;
+//! the KV cache is reset between requests; a dropped receiver cancels its request at
+//! the next step; a panicking model yields [`Event::Error`] and the engine lives on.
+//! It never does HTTP, keys, budgets or provider logic.
+
+mod engine;
+mod error;
+pub mod sampling;
+pub mod stop;
+
+pub use engine::{Engine, Event, FinishReason, GenerateRequest};
+pub use error::RuntimeError;
+pub use sampling::{Sampler, SamplingParams};
+pub use stop::{StopMatcher, StopOutcome};
