@@ -73,8 +73,8 @@ struct Behaviour {
 #[derive(Debug)]
 struct Fake {
     info: ModelInfo,
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
     context: usize,
     cached: usize,
     prompt_len: usize,
@@ -103,8 +103,8 @@ impl Fake {
                 add_space_prefix: None,
                 chat_template: None,
             },
-            tokenizer,
-            template: ChatTemplate::fallback("", "<|im_end|>").unwrap(),
+            tokenizer: Arc::new(tokenizer),
+            template: Arc::new(ChatTemplate::fallback("", "<|im_end|>").unwrap()),
             context,
             cached: 0,
             prompt_len: 0,
@@ -128,10 +128,10 @@ impl LanguageModel for Fake {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
-    fn tokenizer(&self) -> &Tokenizer {
+    fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
     }
-    fn chat_template(&self) -> &ChatTemplate {
+    fn chat_template(&self) -> &Arc<ChatTemplate> {
         &self.template
     }
     fn max_context(&self) -> usize {

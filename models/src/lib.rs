@@ -18,6 +18,7 @@ pub mod template;
 pub mod tokenizer;
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub use error::ModelError;
 pub use gguf::{detect_format, GgufFile, ModelFormat, ModelInfo};
@@ -31,8 +32,10 @@ pub use tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 /// where `n` is [`cached_tokens`](Self::cached_tokens); `reset()` before a new sequence.
 pub trait LanguageModel: Send + std::fmt::Debug {
     fn info(&self) -> &ModelInfo;
-    fn tokenizer(&self) -> &Tokenizer;
-    fn chat_template(&self) -> &ChatTemplate;
+    /// Shared so a server can tokenize and render prompts while an engine thread owns
+    /// the model.
+    fn tokenizer(&self) -> &Arc<Tokenizer>;
+    fn chat_template(&self) -> &Arc<ChatTemplate>;
     /// The most positions a sequence may use.
     fn max_context(&self) -> usize;
     /// Positions currently in the KV cache: the `pos` the next forward call must use.

@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::io::BufReader;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
@@ -31,8 +32,8 @@ use crate::{LanguageModel, LoadOptions};
 pub struct LlamaModel {
     weights: ModelWeights,
     info: ModelInfo,
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
     max_context: usize,
     cached: usize,
     poisoned: bool,
@@ -111,8 +112,8 @@ impl LlamaModel {
         Ok(Self {
             weights,
             info,
-            tokenizer,
-            template,
+            tokenizer: Arc::new(tokenizer),
+            template: Arc::new(template),
             max_context,
             cached: 0,
             poisoned: false,
@@ -160,11 +161,11 @@ impl LanguageModel for LlamaModel {
         &self.info
     }
 
-    fn tokenizer(&self) -> &Tokenizer {
+    fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
     }
 
-    fn chat_template(&self) -> &ChatTemplate {
+    fn chat_template(&self) -> &Arc<ChatTemplate> {
         &self.template
     }
 
