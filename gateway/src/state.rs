@@ -12,7 +12,10 @@ use crate::auth::MasterKey;
 use crate::config::Config;
 use crate::governance::directory::Directory;
 use crate::governance::policy::Governance;
+use crate::local::LocalModels;
 use crate::providers::http::build_client;
+use crate::providers::local::LocalProvider;
+use crate::providers::Provider;
 use crate::routing::catalog::Catalog;
 use crate::routing::Routes;
 use crate::store::Store;
@@ -31,6 +34,8 @@ pub struct Inner {
     pub master_key: Option<MasterKey>,
     pub directory: Directory,
     pub governance: Governance,
+    /// Registered local models and the pool serving them.
+    pub local: LocalModels,
     pub started: Instant,
     /// Start time in Unix seconds, reported as `created` of configured models.
     pub started_unix: i64,
@@ -55,8 +60,14 @@ impl AppState {
         let directory =
             Directory::open(&store).map_err(|e| format!("cannot open the key directory: {e}"))?;
         let governance = Governance::open(&store, &config.governance)?;
+        let local = LocalModels::open(&store, &config.local)?;
+        let provider = Provider::Local(LocalProvider::new(
+            local.pool.clone(),
+            config.governance.default_max_output_tokens,
+        ));
         Ok(AppState::new(Inner {
-            routes: Routes::new(&config, &client, catalog),
+            routes: Routes::with_local(&config, &client, catalog, Some(provider)),
+            local,
             metrics,
             store,
             master_key: master_key

@@ -8,11 +8,13 @@
 //! thread goes on serving.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use airlock_models::{LanguageModel, StreamDecoder};
+use airlock_models::{ChatTemplate, LanguageModel, ModelInfo, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::sampling::{Sampler, SamplingParams};
@@ -59,6 +61,23 @@ pub enum Event {
 struct Job {
     request: GenerateRequest,
     events: UnboundedSender<Event>,
+    _ticket: Ticket,
+}
+
+/// Counts a request from submit until its job is dropped (finished, failed, skipped).
+struct Ticket(Arc<AtomicUsize>);
+
+impl Ticket {
+    fn new(depth: &Arc<AtomicUsize>) -> Ticket {
+        depth.fetch_add(1, Ordering::Relaxed);
+        Ticket(depth.clone())
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A handle to one model's engine thread. Dropping it lets the thread finish the
@@ -68,6 +87,10 @@ pub struct Engine {
     queue: SyncSender<Job>,
     context: usize,
     vocab_size: usize,
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
+    depth: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -82,6 +105,9 @@ impl Engine {
     pub fn start(model: Box<dyn LanguageModel>, queue_capacity: usize) -> Engine {
         let context = model.max_context();
         let vocab_size = model.tokenizer().vocab_size().max(model.info().vocab_size);
+        let info = model.info().clone();
+        let tokenizer = model.tokenizer().clone();
+        let template = model.chat_template().clone();
         let (queue, jobs) = sync_channel(queue_capacity.max(1));
         let thread = std::thread::Builder::new()
             .name("airlock-engine".into())
@@ -91,6 +117,10 @@ impl Engine {
             queue,
             context,
             vocab_size,
+            info,
+            tokenizer,
+            template,
+            depth: Arc::default(),
             thread,
         }
     }
@@ -98,6 +128,26 @@ impl Engine {
     /// The model's context in tokens.
     pub fn max_context(&self) -> usize {
         self.context
+    }
+
+    /// The model's metadata.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The model's tokenizer, for encoding prompts outside the engine thread.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The model's chat template.
+    pub fn chat_template(&self) -> &Arc<ChatTemplate> {
+        &self.template
+    }
+
+    /// Requests queued or running.
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
     }
 
     /// Validates and queues a request; never blocks.
@@ -135,7 +185,12 @@ impl Engine {
             });
         }
         let (events, receiver) = unbounded_channel();
-        match self.queue.try_send(Job { request, events }) {
+        let job = Job {
+            request,
+            events,
+            _ticket: Ticket::new(&self.depth),
+        };
+        match self.queue.try_send(job) {
             Ok(()) => Ok(receiver),
             Err(TrySendError::Full(_)) => Err(RuntimeError::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(RuntimeError::EngineStopped),

@@ -14,10 +14,16 @@
 
 mod engine;
 mod error;
+pub mod manifest;
+pub mod pool;
 pub mod sampling;
 pub mod stop;
 
+/// The model crate, for callers that need its types (messages, options, errors).
+pub use airlock_models as models;
 pub use engine::{Engine, Event, FinishReason, GenerateRequest};
 pub use error::RuntimeError;
+pub use manifest::{FileDigest, Manifest, ManifestError, ModelKind, WeightFormat};
+pub use pool::{Loaded, ModelPool, ModelStatus, PoolConfig, PoolError};
 pub use sampling::{Sampler, SamplingParams};
 pub use stop::{StopMatcher, StopOutcome};

@@ -26,6 +26,11 @@ pub enum ModelError {
     /// The GGUF file could not be parsed, or its tensors could not be loaded.
     #[error("invalid GGUF file {path}: {reason}")]
     InvalidGguf { path: PathBuf, reason: String },
+    /// A file of a model folder (config.json, a safetensors file, a
+    /// sentence-transformers module config) is malformed or asks for something we
+    /// cannot run.
+    #[error("invalid model file {path}: {reason}")]
+    InvalidFile { path: PathBuf, reason: String },
     /// A metadata key the model needs is missing or has the wrong type.
     #[error("GGUF metadata key `{key}`: {reason}")]
     Metadata { key: String, reason: String },
@@ -41,6 +46,14 @@ pub enum ModelError {
     /// A forward pass was called with arguments the model cannot accept.
     #[error("invalid forward call: {0}")]
     InvalidInput(String),
+    /// Input `index` of an embedding call has more tokens than the model accepts; it is
+    /// refused rather than silently truncated.
+    #[error("input {index} has {tokens} tokens, more than the model's maximum of {max}")]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
     /// Candle failed during a forward pass.
     #[error("forward pass failed: {0}")]
     Forward(String),

@@ -10,6 +10,7 @@
 //! (`gpt2`) vocabulary. Anything else is refused at [`load`] with a clear error.
 //! Nothing here panics on a bad artifact: loaders run under `catch_unwind`.
 
+pub mod embedding;
 mod error;
 pub mod gguf;
 pub mod llama;
@@ -20,6 +21,7 @@ pub mod tokenizer;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use embedding::{is_embedding_dir, Embedded, EmbeddingInfo, EmbeddingModel, Pooling};
 pub use error::ModelError;
 pub use gguf::{detect_format, GgufFile, ModelFormat, ModelInfo};
 pub use llama::LlamaModel;

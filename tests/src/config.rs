@@ -16,6 +16,7 @@ pub struct ConfigBuilder {
     upstream: Vec<(String, String)>,
     providers: Vec<String>,
     models: Vec<String>,
+    raw: Vec<String>,
     env: Vec<(String, String)>,
 }
 
@@ -77,6 +78,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Appends raw TOML (a whole section such as `[local]`) to the file.
+    pub fn raw(mut self, text: &str) -> Self {
+        self.raw.push(text.to_string());
+        self
+    }
+
     /// An extra environment variable for the gateway process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
@@ -99,7 +106,7 @@ impl ConfigBuilder {
             out.push('\n');
             out.push_str(p);
         }
-        for m in &self.models {
+        for m in self.models.iter().chain(&self.raw) {
             out.push('\n');
             out.push_str(m);
         }

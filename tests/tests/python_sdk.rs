@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use airlock_e2e::gateway::workspace_root;
+use airlock_e2e::gateway::{workspace_root, Gateway};
 use airlock_e2e::mock::{Fault, MockUpstream};
 use airlock_e2e::stack::Stack;
 
@@ -36,7 +36,6 @@ fn python() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk() {
-    let python = python();
     let cut = MockUpstream::openai().await;
     cut.fail_always(Fault::CutAfter(3));
     let stack = Stack::start_with(|b| {
@@ -45,35 +44,76 @@ async fn openai_python_sdk() {
     })
     .await;
     let gw = &stack.gateway;
-
-    let mut cmd = tokio::process::Command::new(&python);
-    cmd.args([
-        "-m",
-        "pytest",
+    pytest(
         "tests/python",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-    ])
-    .current_dir(workspace_root())
-    .env("PYTHONDONTWRITEBYTECODE", "1")
-    .env("AIRLOCK_BASE_URL", gw.url("/v1"))
-    .env("AIRLOCK_KEY", gw.key())
-    .env("AIRLOCK_CHAT_MODELS", "gpt,claude,gemini")
-    .env("AIRLOCK_EMBED_MODELS", "embed,gemini-embed")
-    .env("AIRLOCK_CUT_MODEL", "cut-model")
-    .env("AIRLOCK_SLASH_MODEL", "team/chat")
-    // The SDK must not pick up a developer's own settings.
-    .env_remove("OPENAI_API_KEY")
-    .env_remove("OPENAI_BASE_URL")
-    .env_remove("OPENAI_ORG_ID")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
-    let out = match tokio::time::timeout(Duration::from_secs(180), cmd.output()).await {
+        &[
+            ("AIRLOCK_BASE_URL", gw.url("/v1")),
+            ("AIRLOCK_KEY", gw.key().to_string()),
+            ("AIRLOCK_CHAT_MODELS", "gpt,claude,gemini".into()),
+            ("AIRLOCK_EMBED_MODELS", "embed,gemini-embed".into()),
+            ("AIRLOCK_CUT_MODEL", "cut-model".into()),
+            ("AIRLOCK_SLASH_MODEL", "team/chat".into()),
+        ],
+    )
+    .await;
+}
+
+/// The SDK on the real local models: SmolLM2 for chat and completions, MiniLM for
+/// embeddings (`tests/python_local/test_local_sdk.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_on_local_models() {
+    let root = workspace_root();
+    let smol = root.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let minilm = root.join(".cache/models/all-MiniLM-L6-v2");
+    for p in [&smol, &minilm] {
+        assert!(
+            p.exists(),
+            "{} is missing: run scripts/fetch-models.sh",
+            p.display()
+        );
+    }
+    let gw = Gateway::builder()
+        .raw(&format!(
+            "[local]\n\n[[local.models]]\nname = \"smol\"\npath = \"{}\"\n\n[[local.models]]\nname = \"minilm\"\npath = \"{}\"\n",
+            smol.display(),
+            minilm.display()
+        ))
+        .start()
+        .await;
+    pytest(
+        "tests/python_local",
+        &[
+            ("AIRLOCK_BASE_URL", gw.url("/v1")),
+            ("AIRLOCK_KEY", gw.key().to_string()),
+            ("AIRLOCK_LOCAL_CHAT_MODEL", "local/smol".into()),
+            ("AIRLOCK_LOCAL_EMBED_MODEL", "local/minilm".into()),
+        ],
+    )
+    .await;
+}
+
+/// Runs `python -m pytest DIR` with `env`; fails with pytest's output unless it
+/// passed at least one test.
+async fn pytest(dir: &str, env: &[(&str, String)]) {
+    let python = python();
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.args(["-m", "pytest", dir, "-q", "-p", "no:cacheprovider"])
+        .current_dir(workspace_root())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // The SDK must not pick up a developer's own settings.
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("OPENAI_ORG_ID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = match tokio::time::timeout(Duration::from_secs(300), cmd.output()).await {
         Ok(out) => out.unwrap_or_else(|e| panic!("could not run {}: {e}", python.display())),
-        Err(_) => panic!("pytest did not finish within 180 s"),
+        Err(_) => panic!("pytest did not finish within 300 s"),
     };
     let text = format!(
         "--- pytest stdout ---\n{}\n--- pytest stderr ---\n{}",

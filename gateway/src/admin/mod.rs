@@ -11,6 +11,7 @@
 //! | `/admin/teams[?org_id=]`, `/{id}`  | same                 |
 //! | `/admin/users[?org_id=&team_id=]`, `/{id}` | same         |
 //! | `/admin/keys[?org_id=&team_id=&user_id=]`, `/{id}` | same; `POST /{id}/revoke` |
+//! | `/admin/models`, `/admin/models/{name}` | GET POST, GET DELETE (local models) |
 //!
 //! Invariants:
 //! - Every handler decides with [`crate::governance::access::can`]: first a gate on the
@@ -30,6 +31,7 @@
 
 mod error;
 pub mod ledger;
+pub mod models;
 mod routes;
 
 use axum::extract::{FromRequestParts, OriginalUri};
@@ -55,6 +57,8 @@ pub struct AdminState {
     pub directory: Directory,
     /// Budgets, usage and the audit log (`None` in tests of the directory routes only).
     pub governance: Option<crate::governance::policy::Governance>,
+    /// Registered local models (`None` in tests of the directory routes only).
+    pub local: Option<crate::local::LocalModels>,
 }
 
 /// One administrative change, for the audit log. Found in the response extensions of
@@ -136,6 +140,8 @@ where
         .route("/audit", get(ledger::audit))
         .route("/audit/verify", get(ledger::verify))
         .route("/audit/export", get(ledger::export))
+        .route("/models", get(models::list).post(models::register))
+        .route("/models/{name}", get(models::show).delete(models::remove))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -43,6 +43,7 @@ fn app(d: &Directory) -> Router {
             router(AdminState {
                 governance: None,
                 directory: d.clone(),
+                local: None,
             }),
         )
         .layer(middleware::from_fn_with_state(d.clone(), test_auth))
@@ -506,6 +507,7 @@ async fn no_key_or_a_bad_key_is_401_everywhere() {
     let bare = router::<()>(AdminState {
         directory: w.d.clone(),
         governance: None,
+        local: None,
     });
     let resp = bare
         .oneshot(Request::get("/me").body(Body::empty()).unwrap())

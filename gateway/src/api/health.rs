@@ -1,5 +1,5 @@
 //! `GET /health` (the process is alive) and `GET /ready` (config loaded, store open and
-//! answering). Both are open routes and cheap enough to poll every second.
+//! answering, every preloaded local model loaded). Both are open routes and cheap enough to poll every second.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -14,7 +14,8 @@ pub async fn health() -> Json<Value> {
 
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let store = state.store.is_ready();
-    let status = if store {
+    let models = state.local.ready();
+    let status = if store && models {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -22,8 +23,12 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     (
         status,
         Json(json!({
-            "status": if store { "ready" } else { "not_ready" },
-            "checks": {"config": "ok", "store": if store { "ok" } else { "unavailable" }},
+            "status": if store && models { "ready" } else { "not_ready" },
+            "checks": {
+                "config": "ok",
+                "store": if store { "ok" } else { "unavailable" },
+                "local_models": if models { "ok" } else { "loading" },
+            },
             "uptime_seconds": state.started.elapsed().as_secs(),
         })),
     )

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
             crate::admin::router(crate::admin::AdminState {
                 directory: state.directory.clone(),
                 governance: Some(state.governance.clone()),
+                local: Some(state.local.clone()),
             }),
         )
         .fallback(unknown_route)

@@ -10,6 +10,7 @@ use axum::{Extension, Json};
 use serde_json::{json, Map, Value};
 
 use super::types::ModelObject;
+use crate::config::LOCAL_PROVIDER;
 use crate::error::ApiError;
 use crate::governance::model::Principal;
 use crate::routing::{restrict, ModelRoute, Target};
@@ -73,9 +74,42 @@ fn catalogue(state: &AppState, principal: &Principal) -> Vec<ModelObject> {
             extra: virtual_fields(&m, now),
         })
         .collect();
-    for t in state.routes.targets() {
+    let targets = state.routes.targets();
+    for status in state.local.pool.list() {
+        let id = format!("{LOCAL_PROVIDER}/{}", status.manifest.name);
+        if filter.as_ref().is_some_and(|f| !(f.0)(&id, &id)) || out.iter().any(|m| m.id == id) {
+            continue;
+        }
+        let mut extra = Map::new();
+        let m = &status.manifest;
+        extra.insert(
+            "local".into(),
+            json!({
+                "kind": m.kind.as_str(),
+                "state": if status.loaded { "loaded" } else { "not_loaded" },
+                "queue_depth": status.queue_depth,
+                "context_length": status.context_length,
+                "architecture": m.architecture,
+                "format": m.format,
+                "bytes": m.bytes,
+            }),
+        );
+        extra.insert("context_window".into(), json!(status.context_length));
+        extra.insert("mode".into(), json!(m.kind.as_str()));
+        if let Some(t) = targets.iter().find(|t| t.label == id) {
+            extra.insert("availability".into(), json!(t.health.snapshot(now)));
+        }
+        out.push(ModelObject {
+            id,
+            object: "model".into(),
+            created: i64::try_from(m.registered_at).unwrap_or(created),
+            owned_by: LOCAL_PROVIDER.into(),
+            extra,
+        });
+    }
+    for t in targets {
         let allowed = filter.as_ref().is_none_or(|f| (f.0)(&t.label, &t.label));
-        if !allowed || out.iter().any(|m| m.id == t.label) {
+        if !allowed || out.iter().any(|m| m.id == t.label) || t.is_local() {
             continue;
         }
         out.push(ModelObject {

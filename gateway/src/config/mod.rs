@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use raw::{RawConfig, RawGovernance, RawProvider, RawServer, RawUpstream};
+use raw::{RawConfig, RawGovernance, RawLocal, RawProvider, RawServer, RawUpstream};
 pub use routing::{
     HybridWeights, ModelConfig, RoutePolicy, RoutingDefaults, Strategy, TargetConfig,
 };
@@ -36,6 +36,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// `[[catalog]]` entries, applied over the embedded catalog at start.
     pub catalog: Vec<crate::routing::catalog::CatalogOverride>,
+    /// `[local]`: models served in-process.
+    pub local: LocalConfig,
     /// The file it came from; `None` for the embedded defaults.
     pub source: Option<PathBuf>,
 }
@@ -60,6 +62,30 @@ pub struct ServerConfig {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// The provider name under which registered local models are served (`local/NAME`).
+pub const LOCAL_PROVIDER: &str = "local";
+
+/// `[local]`: how registered local models are loaded and served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalConfig {
+    pub memory_budget: Option<u64>,
+    /// `None`: never unload.
+    pub keep_alive: Option<Duration>,
+    pub queue_capacity: usize,
+    /// Loaded at start and kept loaded.
+    pub preload: Vec<String>,
+    pub device: LocalDevice,
+    /// Registered at start when missing: `(name, path)`.
+    pub models: Vec<(String, PathBuf)>,
+}
+
+/// Where local models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalDevice {
+    Cpu,
+    Cuda(usize),
 }
 
 /// `[governance]`: bootstrap key, audit retention, reservation defaults.
@@ -288,6 +314,15 @@ impl Config {
         let known: HashSet<&str> = providers.iter().map(|p| p.name.as_str()).collect();
         let routing = routing::routing_defaults(raw.routing.unwrap_or_default(), &mut p);
         let governance = governance(raw.governance.unwrap_or_default(), env, &mut p);
+        if known.contains(LOCAL_PROVIDER) {
+            p.add(
+                "providers",
+                format_args!("the name `{LOCAL_PROVIDER}` is reserved for local models"),
+            );
+        }
+        let mut known = known;
+        known.insert(LOCAL_PROVIDER);
+        let local = local(raw.local.unwrap_or_default(), &mut p);
         let models = routing::models(raw.models.unwrap_or_default(), &known, &routing, &mut p);
         let catalog = raw.catalog.unwrap_or_default();
         let mut probe = crate::routing::catalog::Catalog::default();
@@ -303,6 +338,7 @@ impl Config {
                 providers,
                 models,
                 catalog,
+                local,
                 source: None,
             })
         } else {
@@ -469,6 +505,79 @@ fn governance(raw: RawGovernance, env: &dyn Env, p: &mut Problems) -> Governance
         admin_key_env,
         audit_retention,
         default_max_output_tokens,
+    }
+}
+
+fn local(raw: RawLocal, p: &mut Problems) -> LocalConfig {
+    let keep_alive = match raw.keep_alive {
+        None => Some(Duration::from_secs(300)),
+        Some(s) if s < 0.0 => None,
+        Some(s) if s.is_finite() && s <= 31_536_000.0 => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            p.add(
+                "local.keep_alive",
+                format_args!("{s} is not a number of seconds (negative = never unload)"),
+            );
+            None
+        }
+    };
+    let memory_budget = match raw.memory_budget_mb {
+        Some(0) => {
+            p.add(
+                "local.memory_budget_mb",
+                "0 is not allowed; leave it out for no cap",
+            );
+            None
+        }
+        other => other.map(|mb| mb.saturating_mul(1 << 20)),
+    };
+    let device = match raw.device.as_deref().map(str::trim) {
+        None | Some("cpu") => LocalDevice::Cpu,
+        Some("cuda") => LocalDevice::Cuda(0),
+        Some(d) => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => LocalDevice::Cuda(n),
+            None => {
+                p.add(
+                    "local.device",
+                    format_args!("{d:?} is not one of \"cpu\", \"cuda\", \"cuda:N\""),
+                );
+                LocalDevice::Cpu
+            }
+        },
+    };
+    let mut preload = raw.preload.unwrap_or_default();
+    let mut models = Vec::new();
+    for (i, m) in raw.models.unwrap_or_default().into_iter().enumerate() {
+        let at = format!("local.models[{i}]");
+        let name = m.name.unwrap_or_default();
+        if !airlock_runtime::manifest::valid_name(&name) {
+            p.add(
+                &format!("{at}.name"),
+                format_args!("{name:?} is not a model name (1-64 of a-z A-Z 0-9 . - _)"),
+            );
+        }
+        let Some(path) = m.path.filter(|s| !s.trim().is_empty()) else {
+            p.add(&format!("{at}.path"), "is required");
+            continue;
+        };
+        if models.iter().any(|(n, _): &(String, PathBuf)| *n == name) {
+            p.add(
+                &format!("{at}.name"),
+                format_args!("`{name}` is declared twice"),
+            );
+        }
+        if m.preload.unwrap_or(false) && !preload.contains(&name) {
+            preload.push(name.clone());
+        }
+        models.push((name, PathBuf::from(path)));
+    }
+    LocalConfig {
+        memory_budget,
+        keep_alive,
+        queue_capacity: positive(raw.queue_capacity, 16, "local.queue_capacity", p),
+        preload,
+        device,
+        models,
     }
 }
 

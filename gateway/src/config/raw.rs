@@ -21,6 +21,7 @@ pub struct RawConfig {
     pub models: Option<Vec<RawModel>>,
     /// Catalog additions and overrides (prices, context windows, capabilities).
     pub catalog: Option<Vec<crate::routing::catalog::CatalogOverride>>,
+    pub local: Option<RawLocal>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,4 +79,28 @@ pub struct RawGovernance {
     pub default_max_output_tokens: Option<u64>,
     /// false: no per-request audit records or usage counters (bare proxying).
     pub record_requests: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocal {
+    /// MiB of weights loaded at once; absent = no cap.
+    pub memory_budget_mb: Option<u64>,
+    /// Seconds a model stays loaded unused; negative = never unloaded.
+    pub keep_alive: Option<f64>,
+    pub queue_capacity: Option<u64>,
+    /// Registered models to load at start (and keep loaded).
+    pub preload: Option<Vec<String>>,
+    /// `cpu`, or `cuda` / `cuda:N` with the `cuda` build feature.
+    pub device: Option<String>,
+    /// Models registered at start when missing (or registered from another path).
+    pub models: Option<Vec<RawLocalModel>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocalModel {
+    pub name: Option<String>,
+    pub path: Option<String>,
+    pub preload: Option<bool>,
 }

@@ -16,6 +16,7 @@
 pub mod anthropic;
 pub mod gemini;
 pub mod http;
+pub mod local;
 pub mod openai;
 
 use std::future::Future;
@@ -62,6 +63,18 @@ pub enum UpstreamErrorKind {
     StreamInterrupted,
     /// The provider sent an error event inside a stream.
     StreamError,
+    /// A local model's queue is full (429 `model_overloaded`, with `Retry-After`); the
+    /// next target may take the request (spill-over).
+    Overloaded,
+    /// A parameter the target cannot honour (400 `invalid_value`).
+    InvalidRequest,
+    /// The local model named is not registered (404 `model_not_found`).
+    ModelNotFound,
+    /// A local model's files changed since registration (503 `model_file_changed`).
+    ModelChanged,
+    /// A local model could not be loaded: bad weights, over the memory budget (503
+    /// `model_load_failed`).
+    ModelLoadFailed,
 }
 
 /// An upstream failure, as data: kind, status, provider's message, retry hint.
@@ -97,12 +110,20 @@ impl UpstreamError {
                 | UpstreamErrorKind::Auth
                 | UpstreamErrorKind::InvalidResponse
                 | UpstreamErrorKind::StreamInterrupted
+                | UpstreamErrorKind::Overloaded
         )
     }
 
     pub fn client_status(&self) -> StatusCode {
         match self.kind {
-            UpstreamErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            UpstreamErrorKind::RateLimited | UpstreamErrorKind::Overloaded => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            UpstreamErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+            UpstreamErrorKind::ModelNotFound => StatusCode::NOT_FOUND,
+            UpstreamErrorKind::ModelChanged | UpstreamErrorKind::ModelLoadFailed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             UpstreamErrorKind::ContextWindowExceeded | UpstreamErrorKind::ContentPolicy => {
                 StatusCode::BAD_REQUEST
@@ -129,6 +150,11 @@ impl UpstreamError {
             UpstreamErrorKind::InvalidResponse => "upstream_invalid_response",
             UpstreamErrorKind::StreamInterrupted => "upstream_stream_interrupted",
             UpstreamErrorKind::StreamError => "upstream_stream_error",
+            UpstreamErrorKind::Overloaded => "model_overloaded",
+            UpstreamErrorKind::InvalidRequest => "invalid_value",
+            UpstreamErrorKind::ModelNotFound => "model_not_found",
+            UpstreamErrorKind::ModelChanged => "model_file_changed",
+            UpstreamErrorKind::ModelLoadFailed => "model_load_failed",
         }
     }
 
@@ -136,6 +162,13 @@ impl UpstreamError {
     /// client's request; otherwise a generic line naming the provider.
     pub fn public_message(&self) -> String {
         match self.kind {
+            // Our own local runtime's words: they describe the request or the model,
+            // never a secret.
+            UpstreamErrorKind::Overloaded
+            | UpstreamErrorKind::InvalidRequest
+            | UpstreamErrorKind::ModelNotFound
+            | UpstreamErrorKind::ModelChanged
+            | UpstreamErrorKind::ModelLoadFailed => self.message.clone(),
             UpstreamErrorKind::BadRequest
             | UpstreamErrorKind::StreamError
             | UpstreamErrorKind::ContextWindowExceeded
@@ -218,6 +251,8 @@ pub enum Provider {
     OpenAi(openai::OpenAiProvider),
     Anthropic(anthropic::AnthropicProvider),
     Gemini(gemini::GeminiProvider),
+    /// Registered models served in-process (`local/NAME`).
+    Local(local::LocalProvider),
 }
 
 macro_rules! dispatch {
@@ -226,6 +261,7 @@ macro_rules! dispatch {
             Provider::OpenAi($p) => $e,
             Provider::Anthropic($p) => $e,
             Provider::Gemini($p) => $e,
+            Provider::Local($p) => $e,
         }
     };
 }
@@ -240,14 +276,6 @@ impl Provider {
                 Provider::Anthropic(anthropic::AnthropicProvider::new(settings))
             }
             ProviderKind::Gemini => Provider::Gemini(gemini::GeminiProvider::new(settings)),
-        }
-    }
-
-    pub fn kind(&self) -> ProviderKind {
-        match self {
-            Provider::OpenAi(_) => ProviderKind::OpenAi,
-            Provider::Anthropic(_) => ProviderKind::Anthropic,
-            Provider::Gemini(_) => ProviderKind::Gemini,
         }
     }
 }

@@ -401,7 +401,11 @@ where
                 let now = Instant::now();
                 cand.health.record_error(permit, now, &e);
                 match e.kind {
-                    UpstreamErrorKind::RateLimited | UpstreamErrorKind::Auth => {
+                    UpstreamErrorKind::RateLimited
+                    | UpstreamErrorKind::Auth
+                    | UpstreamErrorKind::Overloaded
+                    | UpstreamErrorKind::ModelChanged
+                    | UpstreamErrorKind::ModelLoadFailed => {
                         last = Some(e);
                         continue 'targets;
                     }
@@ -432,7 +436,10 @@ where
                         end = StageEnd::ContentPolicy;
                         break 'targets;
                     }
-                    UpstreamErrorKind::BadRequest | UpstreamErrorKind::StreamError => {
+                    UpstreamErrorKind::BadRequest
+                    | UpstreamErrorKind::StreamError
+                    | UpstreamErrorKind::InvalidRequest
+                    | UpstreamErrorKind::ModelNotFound => {
                         return Err(ApiError::Upstream(e));
                     }
                 }

@@ -631,7 +631,14 @@ impl TargetHealth {
             UpstreamErrorKind::BadRequest
             | UpstreamErrorKind::StreamError
             | UpstreamErrorKind::ContextWindowExceeded
-            | UpstreamErrorKind::ContentPolicy => self.neutral(permit, now),
+            | UpstreamErrorKind::ContentPolicy
+            | UpstreamErrorKind::InvalidRequest
+            | UpstreamErrorKind::ModelNotFound
+            // A full local queue is momentary: the next request may fit; no cooldown.
+            | UpstreamErrorKind::Overloaded => self.neutral(permit, now),
+            UpstreamErrorKind::ModelChanged | UpstreamErrorKind::ModelLoadFailed => {
+                self.failure(permit, now)
+            }
             UpstreamErrorKind::Connect
             | UpstreamErrorKind::Timeout
             | UpstreamErrorKind::Server

@@ -27,7 +27,9 @@ use strategy::Facts;
 
 pub use execute::{RequestFacts, Served, ServedBy};
 
-use crate::config::{Config, ModelConfig, RoutePolicy, RoutingDefaults, Strategy, TargetRef};
+use crate::config::{
+    Config, ModelConfig, RoutePolicy, RoutingDefaults, Strategy, TargetRef, LOCAL_PROVIDER,
+};
 use crate::error::ApiError;
 use crate::providers::Provider;
 
@@ -48,6 +50,47 @@ pub struct TargetState {
 
 /// A candidate handed to provider calls.
 pub type Target = Arc<TargetState>;
+
+impl TargetState {
+    pub fn is_local(&self) -> bool {
+        matches!(*self.provider, Provider::Local(_))
+    }
+
+    /// For a local target: the expected wait in its queue (requests ahead times the
+    /// observed latency, 1 s per request before any is observed).
+    pub fn queue_wait(&self) -> Option<std::time::Duration> {
+        let Provider::Local(p) = &*self.provider else {
+            return None;
+        };
+        let depth = p.pool().status(&self.target.model)?.queue_depth;
+        let per = self
+            .health
+            .ewma_latency()
+            .unwrap_or(std::time::Duration::from_secs(1));
+        Some(per.saturating_mul(u32::try_from(depth).unwrap_or(u32::MAX)))
+    }
+}
+
+/// Catalog facts for a target; local models are free and known only by their
+/// manifests, so they get a zero-price entry.
+fn target_info(catalog: &Catalog, t: &TargetRef) -> Option<ModelInfo> {
+    if t.provider == LOCAL_PROVIDER {
+        return Some(ModelInfo {
+            name: t.model.clone(),
+            family: LOCAL_PROVIDER.to_string(),
+            mode: catalog::Mode::Chat,
+            input_per_mtok: 0.0,
+            output_per_mtok: 0.0,
+            context_window: 0,
+            max_output: 0,
+            capabilities: catalog::Capabilities {
+                streaming: true,
+                ..Default::default()
+            },
+        });
+    }
+    catalog.lookup(&t.model).cloned()
+}
 
 /// Which targets a caller may use: `(model name as requested, target label) -> allowed`.
 /// Governance builds it from the caller's allow-lists; routing applies it to the primary
@@ -138,11 +181,24 @@ fn default_policy(d: &RoutingDefaults) -> RoutePolicy {
 
 impl Routes {
     pub fn new(cfg: &Config, client: &reqwest::Client, catalog: Catalog) -> Routes {
-        let providers: HashMap<String, Arc<Provider>> = cfg
+        Routes::with_local(cfg, client, catalog, None)
+    }
+
+    /// Like [`Routes::new`], with the `local` provider serving registered models.
+    pub fn with_local(
+        cfg: &Config,
+        client: &reqwest::Client,
+        catalog: Catalog,
+        local: Option<Provider>,
+    ) -> Routes {
+        let mut providers: HashMap<String, Arc<Provider>> = cfg
             .providers
             .iter()
             .map(|p| (p.name.clone(), Arc::new(Provider::new(p, client.clone()))))
             .collect();
+        if let Some(l) = local {
+            providers.insert(LOCAL_PROVIDER.to_string(), Arc::new(l));
+        }
         let breaker = breaker(&cfg.routing);
         let mut targets: HashMap<String, Target> = HashMap::new();
         // Caps are set at most once per target (config validation), so the first
@@ -175,7 +231,7 @@ impl Routes {
                     breaker.clone(),
                     caps.get(&label).copied().unwrap_or_default(),
                 ),
-                info: catalog.lookup(&t.model).cloned(),
+                info: target_info(&catalog, t),
                 label: label.clone(),
             });
             targets.insert(label, state.clone());
@@ -225,7 +281,7 @@ impl Routes {
             provider,
             target: t.clone(),
             health: TargetHealth::new(self.breaker.clone(), Caps::default()),
-            info: self.catalog.lookup(&t.model).cloned(),
+            info: target_info(&self.catalog, t),
             label: label.clone(),
         });
         let mut map = self.targets.write().unwrap_or_else(|e| e.into_inner());
@@ -276,7 +332,7 @@ impl Routes {
                         t.health.ewma_latency()
                     },
                     error_rate: snap.error_rate,
-                    queue_wait: None,
+                    queue_wait: t.queue_wait(),
                     available: t.health.check(now, need).is_ok(),
                 }
             })
@@ -289,9 +345,21 @@ impl Routes {
             route.policy.max_latency,
             &mut unit,
         );
+        let mut order = ranking.order;
+        if route.policy.local_first {
+            // Local targets with queue room first, in the strategy's order; spill-over
+            // to the rest happens when they refuse (`model_overloaded`).
+            order.sort_by_key(|&i| {
+                let t = &route.targets[i].0;
+                !(t.is_local() && gathered[i].available)
+            });
+        }
         let mut header = String::from(route.strategy.as_str());
-        let mut ordered = Vec::with_capacity(ranking.order.len());
-        for (n, &i) in ranking.order.iter().enumerate() {
+        if route.policy.local_first {
+            header.push_str("+local_first");
+        }
+        let mut ordered = Vec::with_capacity(order.len());
+        for (n, &i) in order.iter().enumerate() {
             let (t, _) = &route.targets[i];
             let sep = if n == 0 { "; " } else { ", " };
             let _ = match (ranking.scores[i], route.strategy) {

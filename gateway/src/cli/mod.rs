@@ -1,4 +1,5 @@
-//! The command line: `airlock serve` and `airlock config check`.
+//! The command line: `airlock serve`, `config check`, `audit`, `usage`, `admin` and
+//! `models` (in [`models`]).
 //!
 //! Exit codes follow sysexits: 0 success, 64 bad configuration or usage, 74 the data
 //! directory or store cannot be used, 1 anything else.
@@ -13,6 +14,8 @@ use crate::config::{Config, ConfigError, ProcessEnv, SecretPolicy};
 use crate::state::AppState;
 use crate::store::Store;
 use crate::telemetry::init_logging;
+
+mod models;
 
 pub const EXIT_CONFIG: u8 = 64;
 pub const EXIT_IO: u8 = 74;
@@ -44,15 +47,19 @@ enum Command {
     Usage(UsageArgs),
     /// Call the admin API of a running server: `airlock admin POST /admin/keys --data '{..}'`.
     Admin(AdminArgs),
+    /// Local models: register weights already on disk, list, show, remove. Opens the
+    /// store directly, or goes through the admin API while a server holds it.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
 }
 
 /// Where the store is: the config's `server.data_dir`, or `--data-dir`.
 #[derive(Debug, clap::Args)]
-struct StoreArgs {
+pub(crate) struct StoreArgs {
     #[arg(long, short, env = "AIRLOCK_CONFIG")]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     #[arg(long, env = "AIRLOCK_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +166,7 @@ pub fn main() -> ExitCode {
         ),
         Command::Usage(args) => usage(&args),
         Command::Admin(args) => admin(&args),
+        Command::Models(cmd) => models::run(cmd),
     }
 }
 
@@ -298,41 +306,7 @@ fn admin(args: &AdminArgs) -> ExitCode {
         eprintln!("error: the path must start with /admin");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let defaults = crate::config::Config::embedded(&[("", "")]).map(|c| c.upstream);
-    let client = match defaults
-        .map_err(|e| e.to_string())
-        .and_then(|d| crate::providers::http::build_client(&d))
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let url = format!("{}{}", args.url.trim_end_matches('/'), args.path);
-    let mut rb = client.request(method, &url).bearer_auth(&args.key);
-    if let Some(d) = &args.data {
-        rb = rb
-            .header("content-type", "application/json")
-            .body(d.clone());
-    }
-    let result = runtime.block_on(async {
-        let resp = rb.send().await?;
-        let status = resp.status();
-        let body = resp.text().await?;
-        Ok::<_, reqwest::Error>((status, body))
-    });
-    match result {
+    match admin_call(&args.url, &args.key, method, &args.path, args.data.clone()) {
         Ok((status, body)) => {
             println!("{body}");
             if status.is_success() {
@@ -342,11 +316,54 @@ fn admin(args: &AdminArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Err(e) => {
+        Err(code) => code,
+    }
+}
+
+/// One admin API call to a running server: `(status, body)`, or the exit code after
+/// printing why it could not be made.
+pub(crate) fn admin_call(
+    base_url: &str,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<(reqwest::StatusCode, String), ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        })?;
+    let defaults = crate::config::Config::embedded(&[("", "")]).map(|c| c.upstream);
+    let client = defaults
+        .map_err(|e| e.to_string())
+        .and_then(|d| crate::providers::http::build_client(&d))
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        })?;
+    let url = format!("{}{}", base_url.trim_end_matches('/'), path);
+    // Registration hashes big files on the server: no overall timeout here.
+    let mut rb = client
+        .request(method, &url)
+        .bearer_auth(key)
+        .timeout(std::time::Duration::from_secs(24 * 3600));
+    if let Some(d) = body {
+        rb = rb.header("content-type", "application/json").body(d);
+    }
+    runtime
+        .block_on(async {
+            let resp = rb.send().await?;
+            let status = resp.status();
+            let body = resp.text().await?;
+            Ok::<_, reqwest::Error>((status, body))
+        })
+        .map_err(|e| {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_IO)
-        }
-    }
+        })
 }
 
 fn config_check(file: &Path) -> ExitCode {
@@ -482,6 +499,24 @@ async fn run(cfg: Config) -> ExitCode {
             }
         }
     });
+    // Preloaded local models load in the background; /ready answers 503 until they
+    // are in. Idle ones unload after keep_alive.
+    let local = state.local.clone();
+    tokio::task::spawn_blocking(move || {
+        for failure in local.preload() {
+            tracing::error!(error = %failure, "cannot preload a local model");
+        }
+    });
+    let pool = state.local.pool.clone();
+    let reaper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            for name in pool.reap(std::time::Instant::now()) {
+                tracing::info!(model = %name, "unloaded an idle local model");
+            }
+        }
+    });
     let directory = state.directory.clone();
     // Signal handlers first, so a SIGTERM right after the address line stops cleanly.
     let shutdown = crate::server::shutdown_signal();
@@ -490,6 +525,7 @@ async fn run(cfg: Config) -> ExitCode {
     let _ = std::io::stdout().flush();
     let served = crate::server::serve(state, listener, shutdown).await;
     flusher.abort();
+    reaper.abort();
     if let Err(e) = directory.flush_last_used() {
         tracing::warn!(error = %e, "cannot record key last-use times at shutdown");
     }
