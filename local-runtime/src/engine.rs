@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use airlock_models::{ChatTemplate, LanguageModel, ModelInfo, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Logprobs, Sampler, SamplingParams, TokenLogprob};
 use crate::stop::StopMatcher;
 use crate::RuntimeError;
 
@@ -42,8 +42,13 @@ pub enum FinishReason {
 pub enum Event {
     /// Text that became safe to emit (after UTF-8 completion and stop-string
     /// hold-back; may be empty) when `token` arrived. One per generated token, plus one
-    /// carrying the end token when it releases held-back text.
-    Token { text: String, token: u32 },
+    /// carrying the end token when it releases held-back text. `logprob` is set when
+    /// the request asked for log-probabilities (never for the end token).
+    Token {
+        text: String,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+    },
     /// The last event of a successful request.
     Done {
         finish_reason: FinishReason,
@@ -274,7 +279,18 @@ fn generate(model: &mut dyn LanguageModel, ends: &[u32], job: &Job) -> Result<()
         if job.events.is_closed() {
             return Ok(());
         }
+        // Log-probabilities are of the model's own distribution: taken before the
+        // sampler applies bias, penalties and temperature in place.
+        let summary = params.logprobs.map(|k| Logprobs::new(&logits, k));
+        let raw: Option<Vec<f32>> = summary.as_ref().map(|_| logits.clone());
         let token = sampler.sample(&mut logits, &generated);
+        let logprob = summary.zip(raw).map(|(s, raw)| {
+            let logit = raw
+                .get(token as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY);
+            s.for_token(token, logit)
+        });
         generated.push(token);
         first_token_at.get_or_insert_with(|| start.elapsed());
         if ends.contains(&token) {
@@ -285,7 +301,11 @@ fn generate(model: &mut dyn LanguageModel, ends: &[u32], job: &Job) -> Result<()
                 rest.text + &stops.finish()
             };
             if !text.is_empty() {
-                let _ = job.events.send(Event::Token { text, token });
+                let _ = job.events.send(Event::Token {
+                    text,
+                    token,
+                    logprob: None,
+                });
             }
             break FinishReason::Stop;
         }
@@ -305,6 +325,7 @@ fn generate(model: &mut dyn LanguageModel, ends: &[u32], job: &Job) -> Result<()
             .send(Event::Token {
                 text: out.text,
                 token,
+                logprob,
             })
             .is_err()
         {

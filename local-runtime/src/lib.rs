@@ -25,5 +25,5 @@ pub use engine::{Engine, Event, FinishReason, GenerateRequest};
 pub use error::RuntimeError;
 pub use manifest::{FileDigest, Manifest, ManifestError, ModelKind, WeightFormat};
 pub use pool::{Loaded, ModelPool, ModelStatus, PoolConfig, PoolError};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Logprobs, Sampler, SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
 pub use stop::{StopMatcher, StopOutcome};

@@ -35,6 +35,9 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// At most 4 non-empty strings.
     pub stop: Vec<String>,
+    /// `Some(k)`: report each sampled token's log-probability and the `k` (0..=20)
+    /// most likely alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -50,6 +53,7 @@ impl Default for SamplingParams {
             logit_bias: HashMap::new(),
             max_tokens: 256,
             stop: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -98,7 +102,78 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return Err(invalid("stop", "stop sequences must not be empty"));
         }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(invalid(
+                "top_logprobs",
+                format!("at most {MAX_TOP_LOGPROBS} alternatives"),
+            ));
+        }
         Ok(())
+    }
+}
+
+/// Most alternatives `logprobs` reports per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A sampled token's log-probability under the model (before bias, penalties and
+/// temperature) and the most likely alternatives, highest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax view of one position's raw logits.
+#[derive(Debug, Clone)]
+pub struct Logprobs {
+    log_sum_exp: f32,
+    top: Vec<(u32, f32)>,
+}
+
+impl Logprobs {
+    /// Summarizes `logits` (unmodified) keeping the `k` largest.
+    pub fn new(logits: &[f32], k: usize) -> Logprobs {
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|l| !l.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits
+            .iter()
+            .filter(|l| !l.is_nan())
+            .map(|&l| f64::from(l - max).exp())
+            .sum();
+        let log_sum_exp = max + sum.ln() as f32;
+        let mut idx: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| !logits[i as usize].is_nan())
+            .collect();
+        let by_logit = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        if k > 0 && k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, by_logit);
+            idx.truncate(k);
+        } else {
+            idx.truncate(k);
+        }
+        idx.sort_by(by_logit);
+        let top = idx
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - log_sum_exp))
+            .collect();
+        Logprobs { log_sum_exp, top }
+    }
+
+    /// The entry for the sampled `token`, whose raw logit was `logit`.
+    pub fn for_token(self, token: u32, logit: f32) -> TokenLogprob {
+        TokenLogprob {
+            token,
+            logprob: logit - self.log_sum_exp,
+            top: self.top,
+        }
     }
 }
 
@@ -400,5 +475,23 @@ mod tests {
             }
         }
         assert_eq!(params().validate(10), Ok(()));
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_alternatives_first() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, f32::NAN];
+        let lp = Logprobs::new(&logits, 3);
+        let t = lp.for_token(2, 2.0);
+        let total: f64 = [1.0f64, 3.0, 2.0, 3.0].iter().map(|l| l.exp()).sum();
+        assert!((f64::from(t.logprob) - (2.0 - total.ln())).abs() < 1e-5);
+        // Highest first, lowest id on ties.
+        let ids: Vec<u32> = t.top.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        let mass: f64 = t.top.iter().map(|(_, l)| f64::from(*l).exp()).sum();
+        assert!(mass < 1.0 && mass > 0.9);
+        assert!(Logprobs::new(&logits, 0).for_token(0, 1.0).top.is_empty());
+        let mut p = params();
+        p.logprobs = Some(MAX_TOP_LOGPROBS + 1);
+        assert!(p.validate(10).is_err());
     }
 }

@@ -209,7 +209,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Outcome {
             .expect("the engine answered within 20 s")
             .expect("the stream ends with Done or Error");
         match event {
-            Event::Token { text, token } => {
+            Event::Token { text, token, .. } => {
                 out.text.push_str(&text);
                 out.texts.push(text);
                 out.tokens.push(token);

@@ -50,7 +50,7 @@ async fn generate(
             .expect("generation finished within 120 s")
             .expect("the stream ends with Done or Error");
         match event {
-            Event::Token { text: t, token } => {
+            Event::Token { text: t, token, .. } => {
                 text.push_str(&t);
                 ids.push(token);
                 token_events += 1;

@@ -35,7 +35,7 @@ pub enum ModelError {
     #[error("GGUF metadata key `{key}`: {reason}")]
     Metadata { key: String, reason: String },
     /// `general.architecture` names a family this crate cannot run yet.
-    #[error("unsupported architecture `{0}` (supported: llama)")]
+    #[error("unsupported architecture `{0}` (supported: llama, gemma3)")]
     UnsupportedArchitecture(String),
     /// The tokenizer described by the metadata cannot be built.
     #[error("tokenizer: {0}")]

@@ -7,11 +7,13 @@
 //! the local runtime drives a model from its own engine thread.
 //!
 //! Served today: GGUF files with `general.architecture = "llama"` and a byte-level BPE
-//! (`gpt2`) vocabulary. Anything else is refused at [`load`] with a clear error.
+//! (`gpt2`) vocabulary, and `gemma3` with a SentencePiece (`llama`) vocabulary. Anything else is refused at [`load`] with a clear error.
 //! Nothing here panics on a bad artifact: loaders run under `catch_unwind`.
 
 pub mod embedding;
 mod error;
+mod family;
+pub mod gemma3;
 pub mod gguf;
 pub mod llama;
 pub mod quant;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 
 pub use embedding::{is_embedding_dir, Embedded, EmbeddingInfo, EmbeddingModel, Pooling};
 pub use error::ModelError;
+pub use gemma3::Gemma3Model;
 pub use gguf::{detect_format, GgufFile, ModelFormat, ModelInfo};
 pub use llama::LlamaModel;
 pub use template::{ChatMessage, ChatTemplate};
@@ -88,6 +91,7 @@ pub fn load_with(
             let gguf = GgufFile::open(&path)?;
             match gguf.info.architecture.as_str() {
                 "llama" => Ok(Box::new(LlamaModel::load(gguf, options)?)),
+                "gemma3" => Ok(Box::new(Gemma3Model::load(gguf, options)?)),
                 other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
             }
         }

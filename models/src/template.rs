@@ -6,8 +6,11 @@
 //! (`.strip()`, `.startswith()`, ...) available, `raise_exception(msg)` failing the
 //! render with `msg`. Templates come from model files and are untrusted: rendering is
 //! bounded by a fuel limit, so a template cannot loop forever. When the model carries
-//! no template, [`ChatTemplate::fallback`] gives ChatML for every family (the only
-//! family served today uses it). The template compiles once, at construction.
+//! no template, its family picks one: ChatML ([`ChatTemplate::fallback`]) for llama
+//! models, [`GEMMA_TEMPLATE`] for Gemma 3. When the tokenizer adds BOS itself, a BOS
+//! the template writes at the very start is dropped
+//! ([`ChatTemplate::strip_leading_bos`]), as llama.cpp does, so it is not doubled. The
+//! template compiles once, at construction.
 
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
@@ -16,6 +19,51 @@ use crate::error::ModelError;
 
 /// ChatML, used when a model carries no template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Google's Gemma 3 template (from the instruction-tuned model's tokenizer config):
+/// a leading system message is folded into the first user turn, `assistant` is called
+/// `model`, roles must alternate.
+pub const GEMMA_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"#;
 
 /// Enough fuel for any real template on long conversations; a runaway loop runs out.
 const FUEL: u64 = 5_000_000;
@@ -44,6 +92,7 @@ pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    strip_leading_bos: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -52,6 +101,7 @@ impl std::fmt::Debug for ChatTemplate {
             .field("source_len", &self.source.len())
             .field("bos_token", &self.bos_token)
             .field("eos_token", &self.eos_token)
+            .field("strip_leading_bos", &self.strip_leading_bos)
             .finish()
     }
 }
@@ -80,7 +130,15 @@ impl ChatTemplate {
             source: source.to_string(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
+            strip_leading_bos: false,
         })
+    }
+
+    /// With `strip`, a BOS token the template renders at the very start is dropped:
+    /// for tokenizers that add BOS themselves.
+    pub fn strip_leading_bos(mut self, strip: bool) -> Self {
+        self.strip_leading_bos = strip;
+        self
     }
 
     /// ChatML, for models without a template of their own.
@@ -107,14 +165,20 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| ModelError::Template(describe(&e)))?;
-        template
+        let text = template
             .render(context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
-            .map_err(|e| ModelError::Template(describe(&e)))
+            .map_err(|e| ModelError::Template(describe(&e)))?;
+        match text.strip_prefix(self.bos_token.as_str()) {
+            Some(rest) if self.strip_leading_bos && !self.bos_token.is_empty() => {
+                Ok(rest.to_string())
+            }
+            _ => Ok(text),
+        }
     }
 }
 

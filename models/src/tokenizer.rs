@@ -1,24 +1,32 @@
-//! Byte-level BPE tokenizers rebuilt from GGUF metadata, and incremental decoding.
+//! Tokenizers rebuilt from GGUF metadata, and incremental decoding.
 //!
-//! Owns text <-> token ids for `tokenizer.ggml.model = "gpt2"` vocabularies, matching
-//! llama.cpp rather than candle's `TokenizerFromGguf` (which differs on SmolLM2):
+//! Owns text <-> token ids for byte-level BPE (`tokenizer.ggml.model = "gpt2"`) and
+//! SentencePiece (`llama`, in [`spm`]) vocabularies, matching llama.cpp rather than
+//! candle's `TokenizerFromGguf` (which differs on SmolLM2 and knows no SentencePiece):
 //!
 //! 1. Special tokens are split out of the text first (leftmost-longest match): control
 //!    tokens (`<|im_start|>`, ...) only when `parse_special` is set, user-defined tokens
-//!    always. Each one becomes its own id; the text between them is encoded alone.
-//! 2. Each text fragment is pre-tokenized by the regex llama.cpp picks from
+//!    always (for SentencePiece, the unknown token is matched with the control ones,
+//!    as llama.cpp does). Each one becomes its own id; the text between them is
+//!    encoded alone.
+//! 2. BPE: each text fragment is pre-tokenized by the regex llama.cpp picks from
 //!    `tokenizer.ggml.pre` ([`PreTokenizer`]), then every piece is mapped to GPT-2's
 //!    byte-to-unicode alphabet and merged by BPE: the adjacent pair with the lowest
-//!    merge rank first, leftmost on ties.
-//! 3. A BOS id is prepended only when `add_special` is asked for *and* the model says
-//!    `add_bos_token`; a space is prepended to each text fragment that starts the input or follows a
-//!    special token only when `add_space_prefix` (llama.cpp's SentencePiece rule).
+//!    merge rank first, leftmost on ties. SentencePiece: spaces become `▁` and the
+//!    fragment is merged by score ([`spm`]), unknown characters falling back to bytes.
+//! 3. A BOS id is prepended (and for SentencePiece an EOS id appended) only when
+//!    `add_special` is asked for *and* the model says `add_bos_token`
+//!    (`add_eos_token`); a space is prepended to each text fragment that starts the
+//!    input or follows a special token only when `add_space_prefix`.
 //!
-//! Invariants: every byte value has an initial symbol (its byte-level character in the
-//! vocabulary, else the unknown token), so encoding never fails and never drops input;
-//! for normal tokens `decode(encode(x)) == x` byte for byte. Decoding a control token
-//! yields its literal text unless `skip_special`. [`StreamDecoder`] never emits a
-//! partial UTF-8 sequence: it holds back an incomplete tail until the next token.
+//! Invariants: every byte value has an initial symbol (its byte-level character or
+//! byte token in the vocabulary, else the unknown token), so encoding never fails and
+//! never drops input; for normal tokens `decode(encode(x)) == x` byte for byte (plus
+//! the prefix space when `add_space_prefix`). Decoding a control token yields its
+//! literal text unless `skip_special`. [`StreamDecoder`] never emits a partial UTF-8
+//! sequence: it holds back an incomplete tail until the next token.
+
+pub mod spm;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -28,7 +36,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use fancy_regex::Regex;
 
 use crate::error::ModelError;
-use crate::gguf::ModelInfo;
+use crate::gguf::{self, ModelInfo};
+pub use spm::SpmConfig;
 
 /// GPT-2's pre-tokenizer pattern (HF `ByteLevel(use_regex=true)`).
 const GPT2_PATTERN: &str =
@@ -121,39 +130,60 @@ impl EncodeOptions {
     };
 }
 
-/// A byte-level BPE tokenizer. Cheap to share behind `&`; encoding allocates per call.
+/// A BPE or SentencePiece tokenizer. Cheap to share behind `&`; encoding allocates
+/// per call.
 pub struct Tokenizer {
     tokens: Vec<String>,
     token_types: Vec<TokenType>,
     /// Raw bytes each token decodes to (byte-level decoded for normal tokens).
     token_bytes: Vec<Vec<u8>>,
     vocab: HashMap<String, u32>,
+    /// Tokens matched in the text with `parse_special` (control and user-defined, plus
+    /// unknown for SentencePiece), and user-defined only.
+    all_specials: Option<(AhoCorasick, Vec<u32>)>,
+    user_specials: Option<(AhoCorasick, Vec<u32>)>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+    add_bos_token: bool,
+    add_eos_token: bool,
+    add_space_prefix: bool,
+    algorithm: Algorithm,
+}
+
+/// How a special-free text fragment becomes ids.
+/// Boxed: each holds 256-entry byte tables.
+enum Algorithm {
+    Bpe(Box<Bpe>),
+    Spm(Box<spm::Spm>),
+}
+
+/// Byte-level BPE state.
+struct Bpe {
     /// (left, right) -> (rank, merged id).
     merges: HashMap<(u32, u32), (u32, u32)>,
     /// Initial symbol for each byte value.
     byte_ids: [u32; 256],
     /// Byte value -> its GPT-2 unicode stand-in.
     byte_chars: [char; 256],
-    /// Control + user-defined tokens, and user-defined only.
-    all_specials: Option<(AhoCorasick, Vec<u32>)>,
-    user_specials: Option<(AhoCorasick, Vec<u32>)>,
     pre: PreTokenizer,
     regex: Regex,
-    bos_token_id: Option<u32>,
-    eos_token_id: Option<u32>,
-    add_bos_token: bool,
-    add_space_prefix: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.tokens.len())
-            .field("merges", &self.merges.len())
-            .field("pre", &self.pre)
-            .field("bos_token_id", &self.bos_token_id)
+        let mut d = f.debug_struct("Tokenizer");
+        d.field("vocab_size", &self.tokens.len());
+        match &self.algorithm {
+            Algorithm::Bpe(bpe) => d
+                .field("model", &"bpe")
+                .field("merges", &bpe.merges.len())
+                .field("pre", &bpe.pre),
+            Algorithm::Spm(_) => d.field("model", &"sentencepiece"),
+        };
+        d.field("bos_token_id", &self.bos_token_id)
             .field("eos_token_id", &self.eos_token_id)
             .field("add_bos_token", &self.add_bos_token)
+            .field("add_eos_token", &self.add_eos_token)
             .field("add_space_prefix", &self.add_space_prefix)
             .finish()
     }
@@ -181,12 +211,16 @@ fn byte_to_char_table() -> [char; 256] {
 impl Tokenizer {
     /// Rebuilds the tokenizer from a GGUF header.
     pub fn from_gguf(content: &Content, info: &ModelInfo) -> Result<Self, ModelError> {
-        if info.tokenizer_model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
-                "unsupported tokenizer model `{}` (supported: gpt2 byte-level BPE)",
-                info.tokenizer_model
-            )));
-        }
+        let spm = match info.tokenizer_model.as_str() {
+            "gpt2" => false,
+            "llama" => true,
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "unsupported tokenizer model `{other}` (supported: gpt2 byte-level \
+                     BPE, llama SentencePiece)"
+                )))
+            }
+        };
         let md = &content.metadata;
         let array = |key: &str| -> Result<&Vec<Value>, ModelError> {
             md.get(key)
@@ -212,7 +246,6 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let token_types = match md.get("tokenizer.ggml.token_type") {
             None => Vec::new(),
             Some(_) => array("tokenizer.ggml.token_type")?
@@ -229,6 +262,33 @@ impl Tokenizer {
                 })
                 .collect(),
         };
+        if spm {
+            let scores = match md.get("tokenizer.ggml.scores") {
+                None => Vec::new(),
+                Some(_) => array("tokenizer.ggml.scores")?
+                    .iter()
+                    .map(|v| {
+                        v.to_f32().map_err(|e| ModelError::Metadata {
+                            key: "tokenizer.ggml.scores".to_string(),
+                            reason: e.to_string(),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            // llama.cpp's defaults for SentencePiece when the file is silent.
+            return Self::sentencepiece(SpmConfig {
+                tokens,
+                scores,
+                token_types,
+                bos_token_id: info.bos_token_id.or(Some(1)),
+                eos_token_id: info.eos_token_id.or(Some(2)),
+                unknown_token_id: info.unknown_token_id.or(Some(0)),
+                add_bos_token: info.add_bos_token.unwrap_or(true),
+                add_eos_token: gguf::get_bool(md, "tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+                add_space_prefix: info.add_space_prefix.unwrap_or(true),
+            });
+        }
+        let merges = strings("tokenizer.ggml.merges")?;
         Self::new(TokenizerConfig {
             tokens,
             token_types,
@@ -242,11 +302,12 @@ impl Tokenizer {
         })
     }
 
-    /// Builds a tokenizer from its parts, checking that they are consistent.
+    /// Builds a byte-level BPE tokenizer from its parts, checking that they are
+    /// consistent.
     pub fn new(config: TokenizerConfig) -> Result<Self, ModelError> {
         let TokenizerConfig {
             tokens,
-            mut token_types,
+            token_types,
             merges: merge_list,
             pre,
             bos_token_id,
@@ -255,33 +316,12 @@ impl Tokenizer {
             add_bos_token,
             add_space_prefix,
         } = config;
+        let token_types = check_parts(
+            &tokens,
+            token_types,
+            [bos_token_id, eos_token_id, unknown_token_id],
+        )?;
         let n = tokens.len();
-        if n == 0 || u32::try_from(n).is_err() {
-            return Err(ModelError::Tokenizer(format!(
-                "vocabulary size {n} is not usable"
-            )));
-        }
-        if token_types.is_empty() {
-            token_types = vec![TokenType::Normal; n];
-        } else if token_types.len() != n {
-            return Err(ModelError::Tokenizer(format!(
-                "{} token types for {n} tokens",
-                token_types.len()
-            )));
-        }
-        for (what, id) in [
-            ("bos", bos_token_id),
-            ("eos", eos_token_id),
-            ("unknown", unknown_token_id),
-        ] {
-            if let Some(id) = id {
-                if id as usize >= n {
-                    return Err(ModelError::Tokenizer(format!(
-                        "{what} token id {id} is outside the vocabulary of {n}"
-                    )));
-                }
-            }
-        }
 
         let byte_chars = byte_to_char_table();
         let char_to_byte: HashMap<char, u8> = byte_chars
@@ -341,26 +381,10 @@ impl Tokenizer {
             merges.entry((*l, *r)).or_insert((rank as u32, *m));
         }
 
-        let specials = |keep: &dyn Fn(TokenType) -> bool| -> Result<_, ModelError> {
-            let (ids, patterns): (Vec<u32>, Vec<&str>) = tokens
-                .iter()
-                .zip(&token_types)
-                .enumerate()
-                .filter(|(_, (text, ty))| keep(**ty) && !text.is_empty())
-                .map(|(id, (text, _))| (id as u32, text.as_str()))
-                .unzip();
-            if ids.is_empty() {
-                return Ok(None);
-            }
-            let automaton = AhoCorasick::builder()
-                .match_kind(MatchKind::LeftmostLongest)
-                .build(&patterns)
-                .map_err(|e| ModelError::Tokenizer(format!("special tokens: {e}")))?;
-            Ok(Some((automaton, ids)))
-        };
-        let all_specials =
-            specials(&|ty| matches!(ty, TokenType::Control | TokenType::UserDefined))?;
-        let user_specials = specials(&|ty| ty == TokenType::UserDefined)?;
+        let all_specials = specials(&tokens, &token_types, &|ty| {
+            matches!(ty, TokenType::Control | TokenType::UserDefined)
+        })?;
+        let user_specials = specials(&tokens, &token_types, &|ty| ty == TokenType::UserDefined)?;
 
         let regex = Regex::new(GPT2_PATTERN)
             .map_err(|e| ModelError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
@@ -370,17 +394,74 @@ impl Tokenizer {
             token_types,
             token_bytes,
             vocab,
-            merges,
-            byte_ids,
-            byte_chars,
             all_specials,
             user_specials,
-            pre,
-            regex,
             bos_token_id,
             eos_token_id,
             add_bos_token,
+            add_eos_token: false,
             add_space_prefix,
+            algorithm: Algorithm::Bpe(Box::new(Bpe {
+                merges,
+                byte_ids,
+                byte_chars,
+                pre,
+                regex,
+            })),
+        })
+    }
+
+    /// Builds a SentencePiece tokenizer from its parts, checking that they are
+    /// consistent.
+    pub fn sentencepiece(config: SpmConfig) -> Result<Self, ModelError> {
+        let SpmConfig {
+            tokens,
+            scores,
+            token_types,
+            bos_token_id,
+            eos_token_id,
+            unknown_token_id,
+            add_bos_token,
+            add_eos_token,
+            add_space_prefix,
+        } = config;
+        let token_types = check_parts(
+            &tokens,
+            token_types,
+            [bos_token_id, eos_token_id, unknown_token_id],
+        )?;
+        // llama.cpp keeps the last id of a duplicated text.
+        let vocab: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, text)| (text.clone(), id as u32))
+            .collect();
+        let token_bytes = tokens
+            .iter()
+            .zip(&token_types)
+            .map(|(text, ty)| spm::token_bytes(text, *ty))
+            .collect();
+        let model = spm::Spm::new(&tokens, scores, &vocab, unknown_token_id)?;
+        let all_specials = specials(&tokens, &token_types, &|ty| {
+            matches!(
+                ty,
+                TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+            )
+        })?;
+        let user_specials = specials(&tokens, &token_types, &|ty| ty == TokenType::UserDefined)?;
+        Ok(Self {
+            tokens,
+            token_types,
+            token_bytes,
+            vocab,
+            all_specials,
+            user_specials,
+            bos_token_id,
+            eos_token_id,
+            add_bos_token,
+            add_eos_token,
+            add_space_prefix,
+            algorithm: Algorithm::Spm(Box::new(model)),
         })
     }
 
@@ -394,6 +475,11 @@ impl Tokenizer {
 
     pub fn eos_token_id(&self) -> Option<u32> {
         self.eos_token_id
+    }
+
+    /// Whether [`EncodeOptions::add_special`] prepends BOS (`add_bos_token`).
+    pub fn add_bos_token(&self) -> bool {
+        self.add_bos_token && self.bos_token_id.is_some()
     }
 
     /// The id of a vocabulary entry given in its stored (byte-level) form.
@@ -457,9 +543,118 @@ impl Tokenizer {
             }
         }
         fragment(&mut out, &text[start..]);
+        if options.add_special && self.add_eos_token {
+            if let Some(eos) = self.eos_token_id {
+                out.push(eos);
+            }
+        }
         out
     }
 
+    /// Encodes one special-free fragment with the model's algorithm.
+    fn encode_fragment(&self, text: &str, out: &mut Vec<u32>) {
+        match &self.algorithm {
+            Algorithm::Bpe(bpe) => bpe.encode_fragment(text, out),
+            Algorithm::Spm(spm) => {
+                let escaped = text.replace(' ', spm::SPACE.encode_utf8(&mut [0; 4]));
+                spm.encode(&escaped, &self.vocab, out);
+            }
+        }
+    }
+
+    /// The bytes `ids` decode to; ids outside the vocabulary are skipped.
+    pub fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &id in ids {
+            self.append_token(id, skip_special, &mut out);
+        }
+        out
+    }
+
+    /// Decodes to text; invalid UTF-8 (a cut multi-byte character) becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
+        String::from_utf8_lossy(&self.decode_bytes(ids, skip_special)).into_owned()
+    }
+
+    fn append_token(&self, id: u32, skip_special: bool, out: &mut Vec<u8>) {
+        if skip_special && self.is_special(id) {
+            return;
+        }
+        if let Some(bytes) = self.token_bytes(id) {
+            out.extend_from_slice(bytes);
+        }
+    }
+
+    /// The stored form raw bytes would have as a vocabulary entry: GPT-2's byte-level
+    /// characters for BPE, the text with spaces as `▁` for SentencePiece.
+    pub fn byte_level(&self, bytes: &[u8]) -> String {
+        match &self.algorithm {
+            Algorithm::Bpe(bpe) => bytes
+                .iter()
+                .map(|b| bpe.byte_chars[usize::from(*b)])
+                .collect(),
+            Algorithm::Spm(_) => String::from_utf8_lossy(bytes).replace(' ', "\u{2581}"),
+        }
+    }
+}
+
+/// Checks the parts every vocabulary has; returns the token types (all normal when
+/// none were given).
+fn check_parts(
+    tokens: &[String],
+    mut token_types: Vec<TokenType>,
+    ids: [Option<u32>; 3],
+) -> Result<Vec<TokenType>, ModelError> {
+    let n = tokens.len();
+    if n == 0 || u32::try_from(n).is_err() {
+        return Err(ModelError::Tokenizer(format!(
+            "vocabulary size {n} is not usable"
+        )));
+    }
+    if token_types.is_empty() {
+        token_types = vec![TokenType::Normal; n];
+    } else if token_types.len() != n {
+        return Err(ModelError::Tokenizer(format!(
+            "{} token types for {n} tokens",
+            token_types.len()
+        )));
+    }
+    for (what, id) in ["bos", "eos", "unknown"].into_iter().zip(ids) {
+        if let Some(id) = id {
+            if id as usize >= n {
+                return Err(ModelError::Tokenizer(format!(
+                    "{what} token id {id} is outside the vocabulary of {n}"
+                )));
+            }
+        }
+    }
+    Ok(token_types)
+}
+
+/// A leftmost-longest matcher over the non-empty tokens whose type `keep` accepts.
+fn specials(
+    tokens: &[String],
+    token_types: &[TokenType],
+    keep: &dyn Fn(TokenType) -> bool,
+) -> Result<Option<(AhoCorasick, Vec<u32>)>, ModelError> {
+    let (ids, patterns): (Vec<u32>, Vec<&str>) = tokens
+        .iter()
+        .zip(token_types)
+        .enumerate()
+        .filter(|(_, (text, ty))| keep(**ty) && !text.is_empty())
+        .map(|(id, (text, _))| (id as u32, text.as_str()))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let automaton = AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        .build(&patterns)
+        .map_err(|e| ModelError::Tokenizer(format!("special tokens: {e}")))?;
+    Ok(Some((automaton, ids)))
+}
+
+impl Bpe {
     /// Pre-tokenizes one special-free fragment and BPE-encodes each piece.
     fn encode_fragment(&self, text: &str, out: &mut Vec<u32>) {
         match self.pre {
@@ -554,37 +749,6 @@ impl Tokenizer {
             out.push(ids[i]);
             i = next[i];
         }
-    }
-
-    /// The bytes `ids` decode to; ids outside the vocabulary are skipped.
-    pub fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        for &id in ids {
-            self.append_token(id, skip_special, &mut out);
-        }
-        out
-    }
-
-    /// Decodes to text; invalid UTF-8 (a cut multi-byte character) becomes U+FFFD.
-    pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
-        String::from_utf8_lossy(&self.decode_bytes(ids, skip_special)).into_owned()
-    }
-
-    fn append_token(&self, id: u32, skip_special: bool, out: &mut Vec<u8>) {
-        if skip_special && self.is_special(id) {
-            return;
-        }
-        if let Some(bytes) = self.token_bytes(id) {
-            out.extend_from_slice(bytes);
-        }
-    }
-
-    /// The byte-level form of raw bytes (what a vocabulary entry for them looks like).
-    pub fn byte_level(&self, bytes: &[u8]) -> String {
-        bytes
-            .iter()
-            .map(|b| self.byte_chars[usize::from(*b)])
-            .collect()
     }
 }
 

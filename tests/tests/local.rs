@@ -729,3 +729,124 @@ async fn embeddings_match_sentence_transformers_through_the_gateway() {
     .await
     .expect_error(400, "invalid_value");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_describe_the_generated_tokens() {
+    let gw = gateway("").await;
+    let req = chat(
+        "Say hello.",
+        json!({"temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 3}),
+    );
+    let body = gw
+        .post_json("/v1/chat/completions", &req)
+        .await
+        .expect_status(200);
+    let text = text_of(&body);
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        content.len() as u64,
+        body["usage"]["completion_tokens"].as_u64().unwrap()
+            - u64::from(body["choices"][0]["finish_reason"] == "stop")
+    );
+    let joined: String = content
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, text, "the tokens spell the answer");
+    for e in content {
+        let lp = e["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0);
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], e["token"]);
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        assert!(!e["bytes"].as_array().unwrap().is_empty());
+    }
+
+    let mut s = req.clone();
+    s["stream"] = json!(true);
+    let t = SseTranscript::read(gw.post_stream("/v1/chat/completions", &s).await).await;
+    let streamed: Vec<Value> = t
+        .chunks()
+        .iter()
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(&streamed, content, "streamed logprobs equal the unary ones");
+
+    let legacy = gw
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "local/smol", "prompt": "One, two,", "temperature": 0, "max_tokens": 6, "logprobs": 2}),
+        )
+        .await
+        .expect_status(200);
+    let lp = &legacy["choices"][0]["logprobs"];
+    let tokens: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, legacy["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    assert_eq!(lp["text_offset"][0], 0);
+    gw.post_json(
+        "/v1/chat/completions",
+        &chat("hi", json!({"top_logprobs": 2})),
+    )
+    .await
+    .expect_error(400, "invalid_value");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_with_its_sentencepiece_vocabulary_serves_chat() {
+    let gemma = workspace_root().join(".cache/models/gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        gemma.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        gemma.display()
+    );
+    let gw = Gateway::builder()
+        .raw(&local_section("", &[("gemma", &gemma)]))
+        .start()
+        .await;
+    // A completion prompt the pretrained model continues predictably.
+    let body = gw
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "local/gemma", "prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": 6}),
+        )
+        .await
+        .expect_status(200);
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with(" 6, 7"), "{text:?}");
+    // Chat through Gemma's template: streamed and unary agree, no control token leaks.
+    let mut req = json!({"model": "local/gemma", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0, "max_tokens": 12});
+    let unary = text_of(
+        &gw.post_json("/v1/chat/completions", &req)
+            .await
+            .expect_status(200),
+    );
+    assert!(!unary.contains("<end_of_turn>") && !unary.contains("<start_of_turn>"));
+    req["stream"] = json!(true);
+    let t = SseTranscript::read(gw.post_stream("/v1/chat/completions", &req).await).await;
+    assert_eq!(t.text(), unary);
+    let models = gw.get("/v1/models").await.expect_status(200);
+    let m = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "local/gemma")
+        .unwrap()
+        .clone();
+    assert_eq!(m["local"]["architecture"], "gemma3");
+}

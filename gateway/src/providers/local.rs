@@ -18,10 +18,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use airlock_runtime::models::{ChatMessage as TemplateMessage, EncodeOptions, ModelError};
+use airlock_runtime::models::{
+    ChatMessage as TemplateMessage, EncodeOptions, ModelError, Tokenizer,
+};
 use airlock_runtime::{
     Engine, Event, FinishReason, GenerateRequest, Loaded, ModelPool, PoolError, RuntimeError,
-    SamplingParams,
+    SamplingParams, TokenLogprob,
 };
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Map, Value};
@@ -97,6 +99,8 @@ struct Knobs<'a> {
     stop: Vec<String>,
     max_tokens: Option<u32>,
     n: Option<u32>,
+    /// `Some(k)`: log-probabilities with `k` alternatives per token.
+    logprobs: Option<usize>,
     extra: &'a Map<String, Value>,
 }
 
@@ -150,6 +154,7 @@ impl Knobs<'_> {
             logit_bias,
             max_tokens,
             stop: self.stop.clone(),
+            logprobs: self.logprobs,
         })
     }
 
@@ -177,8 +182,8 @@ fn chat_knobs(req: &ChatCompletionRequest) -> Result<Knobs<'_>, UpstreamError> {
             ));
         }
     }
-    if req.logprobs == Some(true) {
-        return Err(invalid("logprobs are not supported by local models yet"));
+    if req.top_logprobs.is_some() && req.logprobs != Some(true) {
+        return Err(invalid("top_logprobs requires logprobs: true"));
     }
     Ok(Knobs {
         temperature: req.temperature,
@@ -190,13 +195,16 @@ fn chat_knobs(req: &ChatCompletionRequest) -> Result<Knobs<'_>, UpstreamError> {
         stop: req.stop.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
         max_tokens: req.max_output_tokens(),
         n: req.n,
+        logprobs: (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0) as usize),
         extra: &req.extra,
     })
 }
 
 fn completion_knobs(req: &CompletionRequest) -> Result<Knobs<'_>, UpstreamError> {
-    if req.logprobs.is_some_and(|n| n > 0) {
-        return Err(invalid("logprobs are not supported by local models yet"));
+    if req.logprobs.is_some_and(|n| n > 5) {
+        return Err(invalid(
+            "logprobs: legacy completions report at most 5 alternatives",
+        ));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(invalid("suffix is not supported by local models"));
@@ -211,6 +219,7 @@ fn completion_knobs(req: &CompletionRequest) -> Result<Knobs<'_>, UpstreamError>
         stop: req.stop.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
         max_tokens: req.max_tokens,
         n: req.n,
+        logprobs: req.logprobs.map(|n| n as usize),
         extra: &req.extra,
     })
 }
@@ -246,22 +255,16 @@ fn template_messages(req: &ChatCompletionRequest) -> Result<Vec<TemplateMessage>
         .collect()
 }
 
-/// Encodes a rendered prompt; a template that writes BOS itself does not get two.
+/// Encodes a rendered prompt (the template already left out a BOS the tokenizer adds).
 fn encode_prompt(engine: &Engine, text: &str) -> Vec<u32> {
-    let tok = engine.tokenizer();
-    let mut ids = tok.encode(text, EncodeOptions::PROMPT);
-    if let Some(bos) = tok.bos_token_id() {
-        if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
-            ids.remove(0);
-        }
-    }
-    ids
+    engine.tokenizer().encode(text, EncodeOptions::PROMPT)
 }
 
 /// What one finished generation produced.
 #[derive(Debug, Default)]
 struct Generated {
     text: String,
+    logprobs: Vec<TokenLogprob>,
     finish_reason: Option<FinishReason>,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -302,7 +305,10 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Generated, Upstream
     let mut g = Generated::default();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Token { text, .. } => g.text.push_str(&text),
+            Event::Token { text, logprob, .. } => {
+                g.text.push_str(&text);
+                g.logprobs.extend(logprob);
+            }
             Event::Done {
                 finish_reason,
                 prompt_tokens,
@@ -323,6 +329,62 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Generated, Upstream
         UpstreamErrorKind::Server,
         "the local engine stopped before finishing",
     ))
+}
+
+/// A token as logprobs show it: its text (lossy UTF-8 of its bytes) and its bytes.
+fn token_repr(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let bytes = tok.decode_bytes(&[id], false);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// Chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`.
+fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let (token, bytes) = token_repr(tok, id);
+        json!({"token": token, "logprob": logprob, "bytes": bytes})
+    };
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|lp| {
+            let mut e = entry(lp.token, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Legacy `logprobs`: `{tokens, token_logprobs, top_logprobs, text_offset}`, offsets
+/// counted in characters from `offset`.
+fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut tops = Vec::new();
+    let mut offsets = Vec::new();
+    for lp in lps {
+        let (text, _) = token_repr(tok, lp.token);
+        offsets.push(offset);
+        offset += text.chars().count();
+        tokens.push(text);
+        token_logprobs.push(lp.logprob);
+        let top: Map<String, Value> = lp
+            .top
+            .iter()
+            .map(|&(id, l)| (token_repr(tok, id).0, json!(l)))
+            .collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// Generations under way for one request.
+struct Submitted {
+    receivers: Vec<UnboundedReceiver<Event>>,
+    tokenizer: Arc<Tokenizer>,
+    /// Whether the client asked for log-probabilities.
+    logprobs: bool,
+    /// Legacy completions with `echo`: the prompt text to put before the answer.
+    echo: String,
 }
 
 /// One stream item: choice index and event.
@@ -374,14 +436,15 @@ impl StreamTally {
 }
 
 /// Turns the choices' engine events into a client stream: `heads` first, then one item
-/// per non-empty text piece (`text(choice, piece)`), a `done(choice, finish_reason)` per
-/// finished choice, and after the last one `usage(totals)`. An engine error, or an
-/// engine that stops early, ends the stream with a `StreamInterrupted` error.
+/// per non-empty text piece (`text(choice, piece, logprobs)`, with the log-probabilities
+/// of the tokens since the last item), a `done(choice, finish_reason)` per finished
+/// choice, and after the last one `usage(totals)`. An engine error, or an engine that
+/// stops early, ends the stream with a `StreamInterrupted` error.
 fn event_stream<T: Send + 'static>(
     receivers: Vec<UnboundedReceiver<Event>>,
     started: Instant,
     heads: Vec<T>,
-    text: impl Fn(u32, String) -> T + Send + 'static,
+    text: impl Fn(u32, String, Vec<TokenLogprob>) -> T + Send + 'static,
     done: impl Fn(u32, String) -> T + Send + 'static,
     usage: impl Fn(Usage) -> T + Send + 'static,
 ) -> stream::BoxStream<'static, Result<T, UpstreamError>> {
@@ -392,6 +455,7 @@ fn event_stream<T: Send + 'static>(
         first_token_ms: None,
         started,
     };
+    let mut pending: Vec<Vec<TokenLogprob>> = vec![Vec::new(); receivers.len()];
     let mut events = merged(receivers);
     async_stream::stream! {
         for h in heads {
@@ -406,9 +470,11 @@ fn event_stream<T: Send + 'static>(
                 break;
             };
             match ev {
-                Event::Token { text: piece, .. } => {
+                Event::Token { text: piece, logprob, .. } => {
+                    let held = &mut pending[i as usize];
+                    held.extend(logprob);
                     if !piece.is_empty() {
-                        yield Ok(text(i, piece));
+                        yield Ok(text(i, piece, std::mem::take(held)));
                     }
                 }
                 Event::Done {
@@ -424,6 +490,10 @@ fn event_stream<T: Send + 'static>(
                         completion_tokens,
                         time_to_first_token.as_secs_f64() * 1000.0,
                     );
+                    let held = std::mem::take(&mut pending[i as usize]);
+                    if !held.is_empty() {
+                        yield Ok(text(i, String::new(), held));
+                    }
                     yield Ok(done(i, reason));
                     if tally.left == 0 {
                         yield Ok(usage(tally.usage()));
@@ -498,7 +568,7 @@ impl LocalProvider {
         &self,
         req: &ChatCompletionRequest,
         model: &str,
-    ) -> Result<Vec<UnboundedReceiver<Event>>, UpstreamError> {
+    ) -> Result<Submitted, UpstreamError> {
         let knobs = chat_knobs(req)?;
         let messages = template_messages(req)?;
         let engine = self.engine(model).await?;
@@ -511,7 +581,12 @@ impl LocalProvider {
                 ))
             })?;
         let prompt = encode_prompt(&engine, &text);
-        self.submit(&engine, prompt, &knobs)
+        Ok(Submitted {
+            receivers: self.submit(&engine, prompt, &knobs)?,
+            tokenizer: engine.tokenizer().clone(),
+            logprobs: knobs.logprobs.is_some(),
+            echo: String::new(),
+        })
     }
 
     /// The prompt of a legacy completion as token ids.
@@ -537,7 +612,7 @@ impl LocalProvider {
         &self,
         req: &CompletionRequest,
         model: &str,
-    ) -> Result<(Vec<UnboundedReceiver<Event>>, String), UpstreamError> {
+    ) -> Result<Submitted, UpstreamError> {
         let knobs = completion_knobs(req)?;
         let engine = self.engine(model).await?;
         let prompt = Self::completion_prompt(&engine, &req.prompt)?;
@@ -546,7 +621,12 @@ impl LocalProvider {
         } else {
             String::new()
         };
-        Ok((self.submit(&engine, prompt, &knobs)?, echo))
+        Ok(Submitted {
+            receivers: self.submit(&engine, prompt, &knobs)?,
+            tokenizer: engine.tokenizer().clone(),
+            logprobs: knobs.logprobs.is_some(),
+            echo,
+        })
     }
 }
 
@@ -568,8 +648,8 @@ impl ProviderApi for LocalProvider {
         model: &str,
     ) -> Result<ChatCompletionResponse, UpstreamError> {
         let started = Instant::now();
-        let receivers = self.chat_receivers(req, model).await?;
-        let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
+        let sub = self.chat_receivers(req, model).await?;
+        let results = futures::future::try_join_all(sub.receivers.into_iter().map(collect)).await?;
         let prompt = results.first().map_or(0, |g| g.prompt_tokens);
         let completion = results.iter().map(|g| g.completion_tokens).sum();
         let ttft = results
@@ -585,13 +665,15 @@ impl ProviderApi for LocalProvider {
                 .zip(results)
                 .map(|(index, g)| ChatChoice {
                     index,
+                    logprobs: sub
+                        .logprobs
+                        .then(|| chat_logprobs(&sub.tokenizer, &g.logprobs)),
                     message: ResponseMessage {
                         role: "assistant".into(),
                         content: Some(g.text),
                         ..ResponseMessage::default()
                     },
                     finish_reason: Some(finish_str(g.finish_reason)),
-                    logprobs: None,
                 })
                 .collect(),
             usage: Some(usage(prompt, completion, started, ttft)),
@@ -606,7 +688,12 @@ impl ProviderApi for LocalProvider {
         model: &str,
     ) -> Result<ChunkStream, UpstreamError> {
         let started = Instant::now();
-        let receivers = self.chat_receivers(req, model).await?;
+        let Submitted {
+            receivers,
+            tokenizer,
+            logprobs,
+            ..
+        } = self.chat_receivers(req, model).await?;
         let base = ChatCompletionChunk::new(&response_id("chatcmpl"), unix_now(), model);
         let n = receivers.len() as u32;
         let heads: Vec<ChatCompletionChunk> = (0..n)
@@ -620,12 +707,18 @@ impl ProviderApi for LocalProvider {
             })
             .collect();
         let (b1, b2) = (base.clone(), base.clone());
-        let text = move |i, text| {
+        let text = move |i, text, lps: Vec<TokenLogprob>| {
             let delta = Delta {
                 content: Some(text),
                 ..Delta::default()
             };
-            b1.clone().with_delta(i, delta, None)
+            let mut chunk = b1.clone().with_delta(i, delta, None);
+            if logprobs {
+                if let Some(c) = chunk.choices.first_mut() {
+                    c.logprobs = Some(chat_logprobs(&tokenizer, &lps));
+                }
+            }
+            chunk
         };
         let done = move |i, reason| b2.clone().with_delta(i, Delta::default(), Some(reason));
         let usage = move |u| ChatCompletionChunk {
@@ -641,8 +734,9 @@ impl ProviderApi for LocalProvider {
         model: &str,
     ) -> Result<CompletionResponse, UpstreamError> {
         let started = Instant::now();
-        let (receivers, echo) = self.completion_receivers(req, model).await?;
-        let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
+        let sub = self.completion_receivers(req, model).await?;
+        let echo = sub.echo.as_str();
+        let results = futures::future::try_join_all(sub.receivers.into_iter().map(collect)).await?;
         let prompt = results.first().map_or(0, |g| g.prompt_tokens);
         let completion = results.iter().map(|g| g.completion_tokens).sum();
         let ttft = results
@@ -658,8 +752,10 @@ impl ProviderApi for LocalProvider {
                 .zip(results)
                 .map(|(index, g)| CompletionChoice {
                     index,
+                    logprobs: sub.logprobs.then(|| {
+                        completion_logprobs(&sub.tokenizer, &g.logprobs, echo.chars().count())
+                    }),
                     text: format!("{echo}{}", g.text),
-                    logprobs: None,
                     finish_reason: Some(finish_str(g.finish_reason)),
                 })
                 .collect(),
@@ -675,7 +771,12 @@ impl ProviderApi for LocalProvider {
         model: &str,
     ) -> Result<CompletionStream, UpstreamError> {
         let started = Instant::now();
-        let (receivers, echo) = self.completion_receivers(req, model).await?;
+        let Submitted {
+            receivers,
+            tokenizer,
+            logprobs,
+            echo,
+        } = self.completion_receivers(req, model).await?;
         let base = CompletionResponse {
             id: response_id("cmpl"),
             object: CompletionResponse::object(),
@@ -708,16 +809,32 @@ impl ProviderApi for LocalProvider {
             usage: Some(u),
             ..usage_base.clone()
         };
-        let text = chunk.clone();
+        // Where each choice's next token starts, for `text_offset`.
+        let offsets = std::sync::Mutex::new(vec![echo.chars().count(); n as usize]);
+        let text_chunk = chunk.clone();
+        let text = move |i: u32, t: String, lps: Vec<TokenLogprob>| {
+            let mut c = text_chunk(i, t, None);
+            if logprobs {
+                let mut offsets = offsets.lock().unwrap_or_else(|e| e.into_inner());
+                let at = offsets.get(i as usize).copied().unwrap_or(0);
+                let lp = completion_logprobs(&tokenizer, &lps, at);
+                let used: usize = lp["tokens"].as_array().map_or(0, |v| {
+                    v.iter()
+                        .filter_map(Value::as_str)
+                        .map(|t| t.chars().count())
+                        .sum()
+                });
+                if let Some(o) = offsets.get_mut(i as usize) {
+                    *o = at + used;
+                }
+                if let Some(choice) = c.choices.first_mut() {
+                    choice.logprobs = Some(lp);
+                }
+            }
+            c
+        };
         let done = move |i, reason| chunk(i, String::new(), Some(reason));
-        Ok(event_stream(
-            receivers,
-            started,
-            heads,
-            move |i, t| text(i, t, None),
-            done,
-            usage,
-        ))
+        Ok(event_stream(receivers, started, heads, text, done, usage))
     }
 
     async fn embeddings(

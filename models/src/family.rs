@@ -1,0 +1,148 @@
+//! What every model family shares, whatever its forward pass.
+//!
+//! Owns two things the families would otherwise each copy: building the tokenizer,
+//! chat template and embedding check from a GGUF header ([`header_parts`]), and the
+//! bookkeeping of one sequence in a KV cache ([`Sequence`]). Invariants of
+//! [`Sequence`]: it counts exactly the positions the cache holds; a pass must start
+//! at that count and stay within the context and the vocabulary; a failed or
+//! panicking pass poisons it until [`Sequence::reset`], since the cache is then in an
+//! unknown state.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Content;
+
+use crate::error::{catch_panic, ModelError};
+use crate::gguf::ModelInfo;
+use crate::template::ChatTemplate;
+use crate::tokenizer::Tokenizer;
+
+/// Builds the tokenizer and chat template from a GGUF header, and checks that the
+/// embedding covers the vocabulary (or valid token ids would index out of it during
+/// a forward pass). `fallback` is the template used when the file carries none.
+pub(crate) fn header_parts(
+    path: &Path,
+    content: &Content,
+    info: &ModelInfo,
+    fallback: &str,
+) -> Result<(Tokenizer, ChatTemplate), ModelError> {
+    let tokenizer = Tokenizer::from_gguf(content, info)?;
+    let token_str = |id: Option<u32>| {
+        id.and_then(|id| tokenizer.token_text(id))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (bos, eos) = (token_str(info.bos_token_id), token_str(info.eos_token_id));
+    let template = ChatTemplate::new(info.chat_template.as_deref().unwrap_or(fallback), bos, eos)?
+        // The tokenizer adds BOS itself: a template that writes it would double it.
+        .strip_leading_bos(tokenizer.add_bos_token());
+
+    let rows = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|t| t.shape.dims().first().copied())
+        .ok_or_else(|| ModelError::InvalidGguf {
+            path: path.to_path_buf(),
+            reason: "no token_embd.weight tensor".to_string(),
+        })?;
+    if rows < info.vocab_size || rows < tokenizer.vocab_size() {
+        return Err(ModelError::InvalidGguf {
+            path: path.to_path_buf(),
+            reason: format!(
+                "token_embd.weight has {rows} rows for a vocabulary of {}",
+                info.vocab_size.max(tokenizer.vocab_size())
+            ),
+        });
+    }
+    Ok((tokenizer, template))
+}
+
+/// Position bookkeeping for one sequence in a KV cache.
+#[derive(Debug, Clone)]
+pub(crate) struct Sequence {
+    max_context: usize,
+    vocab_size: usize,
+    cached: usize,
+    poisoned: bool,
+}
+
+impl Sequence {
+    pub(crate) fn new(max_context: usize, vocab_size: usize) -> Self {
+        Self {
+            max_context,
+            vocab_size,
+            cached: 0,
+            poisoned: false,
+        }
+    }
+
+    pub(crate) fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub(crate) fn cached(&self) -> usize {
+        self.cached
+    }
+
+    /// Runs `pass` (a forward pass over `tokens` at `pos`) if the call is valid,
+    /// under `catch_unwind`; counts the tokens on success, poisons on failure.
+    pub(crate) fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        pass: impl FnOnce() -> candle_core::Result<Vec<f32>>,
+    ) -> Result<Vec<f32>, ModelError> {
+        self.check(tokens, pos)?;
+        let result = catch_panic("running a forward pass", || {
+            pass().map_err(|e| ModelError::Forward(e.to_string()))
+        });
+        match result {
+            Ok(logits) => {
+                self.cached += tokens.len();
+                Ok(logits)
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets the sequence (the caller empties its cache).
+    pub(crate) fn reset(&mut self) {
+        self.cached = 0;
+        self.poisoned = false;
+    }
+
+    fn check(&self, tokens: &[u32], pos: usize) -> Result<(), ModelError> {
+        if self.poisoned {
+            return Err(ModelError::InvalidInput(
+                "a previous forward pass failed; reset() before the next one".to_string(),
+            ));
+        }
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidInput("no tokens".to_string()));
+        }
+        if pos != self.cached {
+            return Err(ModelError::InvalidInput(format!(
+                "pos {pos} but the KV cache holds {} tokens; continue at {} or reset()",
+                self.cached, self.cached
+            )));
+        }
+        if pos + tokens.len() > self.max_context {
+            return Err(ModelError::InvalidInput(format!(
+                "{} + {} tokens exceed the context of {}",
+                pos,
+                tokens.len(),
+                self.max_context
+            )));
+        }
+        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Writes models/tests/fixtures/gemma3_tokens.json: llama.cpp's view of Gemma 3 270M.
+
+Run from the repository root after scripts/fetch-models.sh and scripts/llamacpp-venv.sh:
+
+    .cache/llamacpp-venv/bin/python scripts/make-gemma-fixture.py
+
+Records, with llama-cpp-python (the version is written into the fixture):
+- `tokens`: the ids llama.cpp's tokenizer gives each text of a varied corpus
+  (`Llama(vocab_only=True).tokenize(text, add_bos=..., special=...)`);
+- `greedy`: for a few chat prompts, the prompt text (Gemma's chat format written out
+  by hand, so it also checks our template), its ids, and llama.cpp's greedy
+  continuation: argmax of the logits at every step (temperature 0, no penalties,
+  no top-k/top-p/min-p), up to 32 tokens or an end-of-turn token, with the margin
+  between the best and second-best logit at each step, so a test can tell a near tie
+  from a real disagreement.
+"""
+
+import json
+import os
+import sys
+
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama
+
+MODEL = ".cache/models/gemma-3-270m-q4_k_m.gguf"
+OUT = "models/tests/fixtures/gemma3_tokens.json"
+STEPS = 32
+
+CORPUS = [
+    "",
+    " ",
+    "What is the capital of France?",
+    "Hello, world!  Multiple   spaces\tand\ttabs\n\nnew lines\n",
+    "   leading and trailing   ",
+    "a" + " " * 40 + "b\t\t\t\tc\n\n\n\n\n\nd\r\ne",
+    "0123456789 3.14159 -42 1e-9 0xDEADBEEF $1,234.56 year 2024.",
+    "naïve café — Straße, Ελληνικά, русский, العربية, हिन्दी",
+    "日本語のテキスト、中文的句子。한국어 문장입니다.",
+    "emoji 🙂🚀👩‍👩‍👧‍👦 and symbols ∑∫√≠ ™ © € £ ¥",
+    "fn main() {\n    let x: Vec<u32> = vec![1, 2, 3];\n    println!(\"{:?}\", x);\n}\n",
+    "def f(x):\n    return {'a': [x, x**2]}  # comment\n",
+    "<table><tr><td>cell</td></tr></table> <h1>Title</h1>",
+    "I'm sure they'll say it's fine, we've done it, you'd see.",
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+    "<bos><start_of_turn>user\nHi<end_of_turn>\n<eos><pad><unk><mask>",
+    "<start_of_turn<end_of_turn <start_of_turnx>",
+    "\u0000\u0001\u007f control chars \ufeff bom \u00a0 nbsp",
+    "Ünïcödé ẞ ǅ ﬁ ＡＢＣ １２３ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
+
+# (text, add_bos, special) beyond the PROMPT-style (True, True) pass over CORPUS.
+EXTRA = [
+    ("<start_of_turn>user\nHi<end_of_turn>\n", False, False),
+    ("What is the capital of France?", False, True),
+    ("   leading and trailing   ", False, False),
+]
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+]
+
+
+def chat(question):
+    return f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def main():
+    if not os.path.isfile(MODEL):
+        sys.exit(f"{MODEL} is missing: run scripts/fetch-models.sh first")
+
+    vocab = Llama(model_path=MODEL, vocab_only=True, verbose=False)
+    tokens = []
+    cases = [(t, True, True) for t in CORPUS] + EXTRA
+    for text, add_bos, special in cases:
+        ids = vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        tokens.append({"text": text, "add_bos": add_bos, "special": special, "ids": ids})
+
+    llm = Llama(
+        model_path=MODEL,
+        n_ctx=256,
+        n_batch=256,
+        n_threads=2,
+        seed=0,
+        logits_all=False,
+        verbose=False,
+    )
+    ends = {
+        vocab.tokenize(t.encode(), add_bos=False, special=True)[0]
+        for t in ("<end_of_turn>", "<eos>")
+    }
+    greedy = []
+    for question in PROMPTS:
+        prompt = chat(question)
+        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        llm.reset()
+        llm.eval(ids)
+        out, margins = [], []
+        for _ in range(STEPS):
+            # The last evaluated token's logits (llama-cpp-python keeps `scores` only
+            # with logits_all).
+            logits = np.ctypeslib.as_array(
+                llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)
+            ).astype(np.float32)
+            top2 = np.argpartition(-logits, 2)[:2]
+            top2 = top2[np.argsort(-logits[top2])]
+            best = int(top2[0])
+            margins.append(round(float(logits[top2[0]] - logits[top2[1]]), 4))
+            out.append(best)
+            if best in ends:
+                break
+            llm.eval([best])
+        text = llm.detokenize([t for t in out if t not in ends]).decode("utf-8", "replace")
+        greedy.append(
+            {
+                "question": question,
+                "prompt": prompt,
+                "prompt_ids": ids,
+                "ids": out,
+                "margins": margins,
+                "text": text,
+            }
+        )
+        print(f"{question!r} -> {text!r}", file=sys.stderr)
+
+    fixture = {
+        "model": os.path.basename(MODEL),
+        "generator": f"llama-cpp-python {llama_cpp.__version__}, scripts/make-gemma-fixture.py",
+        "tokens": tokens,
+        "greedy": greedy,
+    }
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w", encoding="utf-8") as f:
+        json.dump(fixture, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    print(f"wrote {OUT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
