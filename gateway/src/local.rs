@@ -13,10 +13,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use airlock_runtime::models::LoadOptions;
+use airlock_runtime::models::{ComputeDevice, LoadOptions};
 use airlock_runtime::{Manifest, ManifestError, ModelPool, PoolConfig};
 
-use crate::config::LocalConfig;
+use crate::config::{LocalConfig, LocalDevice};
 use crate::store::Store;
 
 /// The sled tree of manifests.
@@ -139,7 +139,13 @@ impl LocalModels {
             memory_budget: cfg.memory_budget,
             keep_alive: cfg.keep_alive,
             queue_capacity: cfg.queue_capacity,
-            load: LoadOptions::default(),
+            load: LoadOptions {
+                device: match cfg.device {
+                    LocalDevice::Cpu => ComputeDevice::Cpu,
+                    LocalDevice::Cuda(n) => ComputeDevice::Cuda(n),
+                },
+                ..LoadOptions::default()
+            },
             pinned: cfg.preload.clone(),
         });
         for m in registry.list() {

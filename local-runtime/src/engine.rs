@@ -69,19 +69,27 @@ struct Job {
     _ticket: Ticket,
 }
 
+/// Requests queued or running, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    depth: AtomicUsize,
+    last_done: std::sync::Mutex<Instant>,
+}
+
 /// Counts a request from submit until its job is dropped (finished, failed, skipped).
-struct Ticket(Arc<AtomicUsize>);
+struct Ticket(Arc<Activity>);
 
 impl Ticket {
-    fn new(depth: &Arc<AtomicUsize>) -> Ticket {
-        depth.fetch_add(1, Ordering::Relaxed);
-        Ticket(depth.clone())
+    fn new(activity: &Arc<Activity>) -> Ticket {
+        activity.depth.fetch_add(1, Ordering::Relaxed);
+        Ticket(activity.clone())
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        *self.0.last_done.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.depth.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -95,7 +103,7 @@ pub struct Engine {
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Arc<ChatTemplate>,
-    depth: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -125,7 +133,10 @@ impl Engine {
             info,
             tokenizer,
             template,
-            depth: Arc::default(),
+            activity: Arc::new(Activity {
+                depth: AtomicUsize::new(0),
+                last_done: std::sync::Mutex::new(Instant::now()),
+            }),
             thread,
         }
     }
@@ -152,7 +163,16 @@ impl Engine {
 
     /// Requests queued or running.
     pub fn queue_depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        self.activity.depth.load(Ordering::Relaxed)
+    }
+
+    /// When the last request ended (or the engine started, before any did).
+    pub fn last_done(&self) -> Instant {
+        *self
+            .activity
+            .last_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Validates and queues a request; never blocks.
@@ -193,7 +213,7 @@ impl Engine {
         let job = Job {
             request,
             events,
-            _ticket: Ticket::new(&self.depth),
+            _ticket: Ticket::new(&self.activity),
         };
         match self.queue.try_send(job) {
             Ok(()) => Ok(receiver),

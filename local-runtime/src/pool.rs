@@ -68,6 +68,14 @@ impl Loaded {
         }
     }
 
+    /// When it was last busy: the end of its last request (chat), else `None`.
+    fn last_done(&self) -> Option<Instant> {
+        match self {
+            Loaded::Chat(e) => Some(e.last_done()),
+            Loaded::Embedding(_) => None,
+        }
+    }
+
     /// Someone besides the pool holds it, or a request is queued.
     fn in_use(&self) -> bool {
         match self {
@@ -253,7 +261,8 @@ impl ModelPool {
             .is_some_and(|e| e.loaded.is_some())
     }
 
-    /// Unloads models not used for `keep_alive` and not in use; returns their names.
+    /// Unloads models idle for `keep_alive` (since their last request ended) and not in
+    /// use; returns their names.
     pub fn reap(&self, now: Instant) -> Vec<String> {
         let Some(keep) = self.config.keep_alive else {
             return Vec::new();
@@ -261,7 +270,12 @@ impl ModelPool {
         let mut st = self.lock();
         let mut gone = Vec::new();
         for (name, e) in st.entries.iter_mut() {
-            let idle = now.saturating_duration_since(e.last_used) >= keep;
+            let last = e
+                .loaded
+                .as_ref()
+                .and_then(Loaded::last_done)
+                .map_or(e.last_used, |d| d.max(e.last_used));
+            let idle = now.saturating_duration_since(last) >= keep;
             if idle
                 && !self.config.pinned.contains(name)
                 && e.loaded.as_ref().is_some_and(|l| !l.in_use())
@@ -328,8 +342,8 @@ impl ModelPool {
                 ))))
             }
             ModelKind::Embedding => {
-                let model =
-                    EmbeddingModel::load(&manifest.path).map_err(|e| failed(e.to_string()))?;
+                let model = EmbeddingModel::load_on(&manifest.path, self.config.load.device)
+                    .map_err(|e| failed(e.to_string()))?;
                 Ok(Loaded::Embedding(Arc::new(model)))
             }
         }

@@ -112,6 +112,11 @@ pub fn is_embedding_dir(path: &Path) -> bool {
 impl EmbeddingModel {
     /// Loads the sentence-transformers folder at `dir`.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_on(dir, crate::ComputeDevice::Cpu)
+    }
+
+    /// Loads the folder at `dir` onto `device`.
+    pub fn load_on(dir: &Path, device: crate::ComputeDevice) -> Result<Self, ModelError> {
         let ModelFormat::SafetensorsDir(dir) = detect_format(dir)? else {
             return Err(ModelError::UnrecognizedFormat {
                 path: dir.to_path_buf(),
@@ -152,7 +157,7 @@ impl EmbeddingModel {
             reason: format!("pad_token_id {} is out of range", config.pad_token_id),
         })?;
 
-        let device = Device::Cpu;
+        let device = device.candle()?;
         let bert = load_weights(&dir, &config, &device)?;
         let info = EmbeddingInfo {
             architecture: probe.model_type.unwrap_or_else(|| "bert".to_string()),

@@ -10,6 +10,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong detecting, loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The compute device cannot be used (no CUDA in this build, no such GPU).
+    #[error("device {0}")]
+    Device(String),
     /// Reading the artifact from disk failed.
     #[error("cannot read {path}: {source}")]
     Io {

@@ -87,14 +87,15 @@ impl Gemma3Model {
             path: path.clone(),
             reason: e.to_string(),
         };
+        let device = options.device.candle()?;
         let weights = catch_panic("loading gemma3 weights", || {
             let config = Config::from_metadata(&content.metadata)?;
             if options.requantize_slow_formats && quant::needs_requantize(&content) {
                 let (content, mut bytes) =
                     quant::requantize_to_q8_0(&content, &mut reader).map_err(invalid)?;
-                Weights::load(&content, &mut bytes, config, max_context).map_err(invalid)
+                Weights::load(&content, &mut bytes, config, max_context, &device).map_err(invalid)
             } else {
-                Weights::load(&content, &mut reader, config, max_context).map_err(invalid)
+                Weights::load(&content, &mut reader, config, max_context, &device).map_err(invalid)
             }
         })?;
         Ok(Self {
@@ -220,13 +221,19 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(head_dim: usize, base: f32, scale: f32, positions: usize) -> candle_core::Result<Self> {
+    fn new(
+        head_dim: usize,
+        base: f32,
+        scale: f32,
+        positions: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let inv_freq: Vec<f32> = (0..head_dim)
             .step_by(2)
             .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
             .collect();
-        let inv_freq = Tensor::new(inv_freq.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let pos = (Tensor::arange(0, positions as u32, &Device::Cpu)?
+        let inv_freq = Tensor::new(inv_freq.as_slice(), device)?.unsqueeze(0)?;
+        let pos = (Tensor::arange(0, positions as u32, device)?
             .to_dtype(DType::F32)?
             .unsqueeze(1)?
             / f64::from(scale))?;
@@ -267,6 +274,7 @@ struct Weights {
     output: QMatMul,
     sliding_rope: Rope,
     global_rope: Rope,
+    device: Device,
 }
 
 impl Weights {
@@ -275,8 +283,9 @@ impl Weights {
         reader: &mut R,
         config: Config,
         max_context: usize,
+        device: &Device,
     ) -> candle_core::Result<Self> {
-        let device = Device::Cpu;
+        let device = device.clone();
         let mut tensor = |name: &str| content.tensor(reader, name, &device);
         let embedding_q = tensor("token_embd.weight")?;
         let embedding = embedding_q.dequantize(&device)?;
@@ -313,21 +322,29 @@ impl Weights {
             norm: norm(tensor("output_norm.weight")?)?,
             output: QMatMul::from_qtensor(output)?,
             layers,
-            sliding_rope: Rope::new(config.head_dim, SLIDING_ROPE_BASE, 1.0, max_context)?,
+            sliding_rope: Rope::new(
+                config.head_dim,
+                SLIDING_ROPE_BASE,
+                1.0,
+                max_context,
+                &device,
+            )?,
             global_rope: Rope::new(
                 config.head_dim,
                 config.rope_base,
                 config.rope_scale,
                 max_context,
+                &device,
             )?,
             config,
+            device,
         })
     }
 
     /// Logits for the last of `tokens`, run at positions `pos..`.
     fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
         let seq = tokens.len();
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let ids = Tensor::new(tokens, &self.device)?;
         let scale = (self.config.n_embd as f64).sqrt();
         let mut x = (self.embedding.index_select(&ids, 0)? * scale)?.unsqueeze(0)?;
         for layer in &mut self.layers {
@@ -401,7 +418,7 @@ fn attention(
     let scores = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?;
     let needs_mask = seq > 1 || layer.window.is_some_and(|w| n_keys > w);
     let scores = if needs_mask {
-        let mask = mask(seq, n_keys, pos, first_key, layer.window)?;
+        let mask = mask(seq, n_keys, pos, first_key, layer.window, k.device())?;
         scores
             .reshape((1, c.n_kv_head, groups, seq, n_keys))?
             .broadcast_add(&mask)?
@@ -426,6 +443,7 @@ fn mask(
     pos: usize,
     first_key: usize,
     window: Option<usize>,
+    device: &Device,
 ) -> candle_core::Result<Tensor> {
     let mut values = Vec::with_capacity(seq * n_keys);
     for i in 0..seq {
@@ -436,5 +454,5 @@ fn mask(
             values.push(if visible { 0.0 } else { f32::NEG_INFINITY });
         }
     }
-    Tensor::from_vec(values, (seq, n_keys), &Device::Cpu)
+    Tensor::from_vec(values, (seq, n_keys), device)
 }

@@ -52,6 +52,32 @@ pub trait LanguageModel: Send + std::fmt::Debug {
     fn reset(&mut self);
 }
 
+/// Where a model's tensors live and its forward passes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDevice {
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU by ordinal; needs the `cuda` build feature.
+    Cuda(usize),
+}
+
+impl ComputeDevice {
+    /// The candle device; a CUDA device in a build without the `cuda` feature (or
+    /// without that GPU) is an error, not a panic.
+    pub fn candle(self) -> Result<candle_core::Device, ModelError> {
+        match self {
+            ComputeDevice::Cpu => Ok(candle_core::Device::Cpu),
+            ComputeDevice::Cuda(n) => candle_core::Device::new_cuda(n)
+                .map_err(|e| ModelError::Device(format!("cuda:{n}: {e}"))),
+        }
+    }
+
+    /// Whether this build can use CUDA devices at all.
+    pub const fn cuda_compiled() -> bool {
+        cfg!(feature = "cuda")
+    }
+}
+
 /// Choices made when loading weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadOptions {
@@ -60,12 +86,14 @@ pub struct LoadOptions {
     /// memory.
     /// See [`quant`].
     pub requantize_slow_formats: bool,
+    pub device: ComputeDevice,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             requantize_slow_formats: true,
+            device: ComputeDevice::Cpu,
         }
     }
 }

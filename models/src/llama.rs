@@ -34,6 +34,7 @@ use crate::{LanguageModel, LoadOptions};
 /// A loaded llama-family model: weights, tokenizer, chat template and one KV cache.
 pub struct LlamaModel {
     weights: ModelWeights,
+    device: Device,
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Arc<ChatTemplate>,
@@ -65,13 +66,14 @@ impl LlamaModel {
             path: path.clone(),
             reason: e.to_string(),
         };
+        let device = options.device.candle()?;
         let weights = catch_panic("loading llama weights", || {
             if options.requantize_slow_formats && quant::needs_requantize(&content) {
                 let (content, mut bytes) =
                     quant::requantize_to_q8_0(&content, &mut reader).map_err(invalid)?;
-                ModelWeights::from_gguf(content, &mut bytes, &Device::Cpu).map_err(invalid)
+                ModelWeights::from_gguf(content, &mut bytes, &device).map_err(invalid)
             } else {
-                ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).map_err(invalid)
+                ModelWeights::from_gguf(content, &mut reader, &device).map_err(invalid)
             }
         })?;
         let max_context = info
@@ -81,6 +83,7 @@ impl LlamaModel {
         Ok(Self {
             weights,
             sequence: Sequence::new(max_context, info.vocab_size),
+            device,
             info,
             tokenizer: Arc::new(tokenizer),
             template: Arc::new(template),
@@ -110,9 +113,9 @@ impl LanguageModel for LlamaModel {
     }
 
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
-        let weights = &mut self.weights;
+        let (weights, device) = (&mut self.weights, &self.device);
         self.sequence.forward(tokens, pos, || {
-            let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+            let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
             let logits = weights.forward(&input, pos)?;
             logits
                 .squeeze(0)?

@@ -659,6 +659,7 @@ fn slow_formats_are_requantized_without_changing_the_model() {
     let run = |requantize_slow_formats| {
         let options = airlock_models::LoadOptions {
             requantize_slow_formats,
+            ..airlock_models::LoadOptions::default()
         };
         let mut model = airlock_models::load_with(&path, &options).unwrap();
         let ids = model
@@ -677,4 +678,13 @@ fn slow_formats_are_requantized_without_changing_the_model() {
         max_diff <= 0.05 * scale,
         "logits moved by {max_diff} (largest {scale})"
     );
+}
+
+#[test]
+fn a_cuda_device_without_cuda_is_a_clear_error() {
+    if airlock_models::ComputeDevice::cuda_compiled() {
+        return;
+    }
+    let err = airlock_models::ComputeDevice::Cuda(0).candle().unwrap_err();
+    assert!(err.to_string().contains("cuda:0"), "{err}");
 }

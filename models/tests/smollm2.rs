@@ -318,6 +318,7 @@ fn requantizing_keeps_the_model() {
         model_path(),
         &LoadOptions {
             requantize_slow_formats: false,
+            ..LoadOptions::default()
         },
     )
     .unwrap();

@@ -545,6 +545,14 @@ fn local(raw: RawLocal, p: &mut Problems) -> LocalConfig {
             }
         },
     };
+    if matches!(device, LocalDevice::Cuda(_))
+        && !airlock_runtime::models::ComputeDevice::cuda_compiled()
+    {
+        p.add(
+            "local.device",
+            "this build has no CUDA support; build with `--features cuda` or use \"cpu\"",
+        );
+    }
     let mut preload = raw.preload.unwrap_or_default();
     let mut models = Vec::new();
     for (i, m) in raw.models.unwrap_or_default().into_iter().enumerate() {
