@@ -3,7 +3,7 @@
 //! `scripts/fetch-models.sh`; without it every test here says so and passes vacuously.
 //!
 //! Reference data is `fixtures/gemma3_tokens.json`, written by
-//! `scripts/make-gemma-fixture.py` with llama-cpp-python: llama.cpp's ids for a varied
+//! `scripts/make-llamacpp-fixture.py gemma3` with llama-cpp-python: llama.cpp's ids for a varied
 //! corpus, and its greedy continuations (with the top-2 logit margin of every step) of
 //! a few chat prompts. The file is the pretrained model, not the instruction-tuned
 //! one: through the chat template it mostly repeats the question, llama.cpp included.
@@ -17,7 +17,9 @@ use std::time::Instant;
 use airlock_models::{
     load, ChatMessage, EncodeOptions, GgufFile, LanguageModel, ModelError, StreamDecoder, Tokenizer,
 };
-use serde::Deserialize;
+mod common;
+
+use common::argmax;
 
 const FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 
@@ -45,37 +47,9 @@ fn model_path() -> Option<PathBuf> {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct Fixture {
-    tokens: Vec<TokenCase>,
-    greedy: Vec<GreedyCase>,
-}
-
-#[derive(Debug, Deserialize)]
-struct TokenCase {
-    text: String,
-    add_bos: bool,
-    special: bool,
-    ids: Vec<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-struct GreedyCase {
-    question: String,
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    ids: Vec<u32>,
-    margins: Vec<f32>,
-    text: String,
-}
-
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let path =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma3_tokens.json");
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    })
+fn fixture() -> &'static common::Fixture {
+    static FIXTURE: OnceLock<common::Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| common::load_fixture("gemma3"))
 }
 
 fn tokenizer() -> Option<&'static Tokenizer> {
@@ -98,16 +72,6 @@ fn model() -> Option<&'static Mutex<Box<dyn LanguageModel>>> {
     }))
 }
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in logits.iter().enumerate() {
-        if *x > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn end_ids(tok: &Tokenizer) -> Vec<u32> {
     vec![
         tok.token_id("<end_of_turn>").unwrap(),
@@ -115,21 +79,9 @@ fn end_ids(tok: &Tokenizer) -> Vec<u32> {
     ]
 }
 
-/// Greedy continuation of the cached sequence: up to `n` tokens, the end token
-/// included when one comes.
-fn greedy(model: &mut dyn LanguageModel, mut logits: Vec<f32>, n: usize) -> Vec<u32> {
+fn greedy(model: &mut dyn LanguageModel, logits: Vec<f32>, n: usize) -> Vec<u32> {
     let ends = end_ids(model.tokenizer());
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let next = argmax(&logits);
-        out.push(next);
-        if ends.contains(&next) {
-            break;
-        }
-        let pos = model.cached_tokens();
-        logits = model.forward(&[next], pos).unwrap();
-    }
-    out
+    common::greedy(model, logits, n, &ends)
 }
 
 fn chat_prompt(model: &dyn LanguageModel, question: &str) -> Vec<u32> {
@@ -179,22 +131,7 @@ fn metadata_and_chat_markers() {
 #[test]
 fn tokenizer_matches_llama_cpp() {
     let Some(tok) = tokenizer() else { return };
-    let mut mismatches = Vec::new();
-    for case in &fixture().tokens {
-        let options = EncodeOptions {
-            add_special: case.add_bos,
-            parse_special: case.special,
-        };
-        let got = tok.encode(&case.text, options);
-        if got != case.ids {
-            mismatches.push(format!(
-                "{:?} (bos {}, special {}):\n  ours      {got:?}\n  llama.cpp {:?}",
-                case.text, case.add_bos, case.special, case.ids
-            ));
-        }
-    }
-    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
-    assert!(fixture().tokens.len() >= 20);
+    common::assert_tokenizer_matches(tok, fixture());
 }
 
 #[test]
@@ -269,43 +206,8 @@ fn greedy_follows_llama_cpp() {
     let Some(model) = model() else { return };
     let mut guard = model.lock().unwrap();
     let model: &mut dyn LanguageModel = &mut **guard;
-    let (mut steps, mut seconds) = (0usize, 0f64);
-    for case in &fixture().greedy {
-        model.reset();
-        let logits = model.forward(&case.prompt_ids, 0).unwrap();
-        let start = Instant::now();
-        let ours = greedy(model, logits, case.ids.len());
-        seconds += start.elapsed().as_secs_f64();
-        steps += ours.len().saturating_sub(1);
-
-        let common = ours
-            .iter()
-            .zip(&case.ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let text = model.tokenizer().decode(&ours, true);
-        eprintln!(
-            "{:?}: {common}/{} tokens as llama.cpp\n  ours      {text:?}\n  llama.cpp {:?}",
-            case.question,
-            case.ids.len(),
-            case.text
-        );
-        if common < case.ids.len().min(MUST_AGREE) {
-            let margin = case.margins[common];
-            assert!(
-                case.margins[..=common].iter().any(|m| *m < NEAR_TIE),
-                "{:?} leaves llama.cpp at step {common} where its margin is {margin}: \
-                 ours {ours:?}, llama.cpp {:?}",
-                case.question,
-                case.ids
-            );
-        }
-    }
-    eprintln!(
-        "decode: {steps} tokens in {seconds:.2} s ({:.1} tok/s, one stream)",
-        steps as f64 / seconds
-    );
-    model.reset();
+    let ends = end_ids(model.tokenizer());
+    common::check_greedy(model, fixture(), &ends, MUST_AGREE, NEAR_TIE);
 }
 
 #[test]

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Writes models/tests/fixtures/gemma3_tokens.json: llama.cpp's view of Gemma 3 270M.
+"""Writes models/tests/fixtures/<family>_tokens.json: llama.cpp's view of a real model.
 
 Run from the repository root after scripts/fetch-models.sh and scripts/llamacpp-venv.sh:
 
-    .cache/llamacpp-venv/bin/python scripts/make-gemma-fixture.py
+    .cache/llamacpp-venv/bin/python scripts/make-llamacpp-fixture.py gemma3
+    .cache/llamacpp-venv/bin/python scripts/make-llamacpp-fixture.py smollm2
 
 Records, with llama-cpp-python (the version is written into the fixture):
 - `tokens`: the ids llama.cpp's tokenizer gives each text of a varied corpus
   (`Llama(vocab_only=True).tokenize(text, add_bos=..., special=...)`);
-- `greedy`: for a few chat prompts, the prompt text (Gemma's chat format written out
-  by hand, so it also checks our template), its ids, and llama.cpp's greedy
+- `greedy`: for a few chat prompts, the prompt text (the family's chat format written
+  out by hand, so it also checks our template), its ids, and llama.cpp's greedy
   continuation: argmax of the logits at every step (temperature 0, no penalties,
   no top-k/top-p/min-p), up to 32 tokens or an end-of-turn token, with the margin
   between the best and second-best logit at each step, so a test can tell a near tie
@@ -24,8 +25,6 @@ import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
-MODEL = ".cache/models/gemma-3-270m-q4_k_m.gguf"
-OUT = "models/tests/fixtures/gemma3_tokens.json"
 STEPS = 32
 
 CORPUS = [
@@ -43,19 +42,10 @@ CORPUS = [
     "def f(x):\n    return {'a': [x, x**2]}  # comment\n",
     "<table><tr><td>cell</td></tr></table> <h1>Title</h1>",
     "I'm sure they'll say it's fine, we've done it, you'd see.",
-    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
-    "<bos><start_of_turn>user\nHi<end_of_turn>\n<eos><pad><unk><mask>",
-    "<start_of_turn<end_of_turn <start_of_turnx>",
     "\u0000\u0001\u007f control chars \ufeff bom \u00a0 nbsp",
     "Ünïcödé ẞ ǅ ﬁ ＡＢＣ １２３ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
 ]
 
-# (text, add_bos, special) beyond the PROMPT-style (True, True) pass over CORPUS.
-EXTRA = [
-    ("<start_of_turn>user\nHi<end_of_turn>\n", False, False),
-    ("What is the capital of France?", False, True),
-    ("   leading and trailing   ", False, False),
-]
 
 PROMPTS = [
     "What is the capital of France?",
@@ -66,17 +56,61 @@ PROMPTS = [
 ]
 
 
-def chat(question):
-    return f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
+FAMILIES = {
+    "gemma3": {
+        "model": ".cache/models/gemma-3-270m-q4_k_m.gguf",
+        # Chat markers, whole and broken.
+        "corpus": [
+            "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<eos><pad><unk><mask>",
+            "<start_of_turn<end_of_turn <start_of_turnx>",
+        ],
+        # (text, add_bos, special) beyond the PROMPT-style (True, True) pass.
+        "extra": [
+            ("<start_of_turn>user\nHi<end_of_turn>\n", False, False),
+            ("What is the capital of France?", False, True),
+            ("   leading and trailing   ", False, False),
+        ],
+        "chat": lambda q: f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n",
+        "ends": ("<end_of_turn>", "<eos>"),
+    },
+    "smollm2": {
+        "model": ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "corpus": [
+            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+            "<|endoftext|><|im_start|><|im_end|> <repo_name> <file_sep>",
+            "<|im_start <|im_end| <|im_startx|>",
+        ],
+        "extra": [
+            ("<|im_start|>user\nHi<|im_end|>\n", False, False),
+            ("What is the capital of France?", False, True),
+            ("   leading and trailing   ", False, False),
+        ],
+        # SmolLM2's own template adds this system turn when there is none.
+        "chat": lambda q: (
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+            "Hugging Face<|im_end|>\n"
+            f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        "ends": ("<|im_end|>", "<|endoftext|>"),
+    },
+}
 
 
 def main():
+    if len(sys.argv) != 2 or sys.argv[1] not in FAMILIES:
+        sys.exit(f"usage: make-llamacpp-fixture.py {{{'|'.join(FAMILIES)}}}")
+    family = sys.argv[1]
+    spec = FAMILIES[family]
+    MODEL = spec["model"]
+    OUT = f"models/tests/fixtures/{family}_tokens.json"
+    chat = spec["chat"]
     if not os.path.isfile(MODEL):
         sys.exit(f"{MODEL} is missing: run scripts/fetch-models.sh first")
 
     vocab = Llama(model_path=MODEL, vocab_only=True, verbose=False)
     tokens = []
-    cases = [(t, True, True) for t in CORPUS] + EXTRA
+    cases = [(t, True, True) for t in CORPUS + spec["corpus"]] + spec["extra"]
     for text, add_bos, special in cases:
         ids = vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
         tokens.append({"text": text, "add_bos": add_bos, "special": special, "ids": ids})
@@ -92,7 +126,7 @@ def main():
     )
     ends = {
         vocab.tokenize(t.encode(), add_bos=False, special=True)[0]
-        for t in ("<end_of_turn>", "<eos>")
+        for t in spec["ends"]
     }
     greedy = []
     for question in PROMPTS:
@@ -130,7 +164,7 @@ def main():
 
     fixture = {
         "model": os.path.basename(MODEL),
-        "generator": f"llama-cpp-python {llama_cpp.__version__}, scripts/make-gemma-fixture.py",
+        "generator": f"llama-cpp-python {llama_cpp.__version__}, scripts/make-llamacpp-fixture.py {family}",
         "tokens": tokens,
         "greedy": greedy,
     }
