@@ -107,3 +107,40 @@ async fn smollm2_generates_reproducibly_through_the_engine() {
     eprintln!("seeded: {c:?}");
     assert_eq!(c, d, "the same seed gives the same text");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_greedy_requests_equal_the_same_requests_one_by_one() {
+    let model = airlock_models::load(model_path()).unwrap();
+    let engine = Engine::start(model, 8);
+    let questions = [
+        "What is the capital of France?",
+        "Name a colour.",
+        "Count to five.",
+        "Say hello in Spanish.",
+        "What is 3 + 4?",
+        "Write one word about the sea.",
+        "Who wrote Hamlet?",
+        "What do bees make?",
+    ];
+    let prompts: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| {
+            let text = format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
+            tokenizer().encode(&text, EncodeOptions::PROMPT)
+        })
+        .collect();
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 12,
+        ..SamplingParams::default()
+    };
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(generate(&engine, p, params.clone()).await);
+    }
+    // join_all polls every future before any finishes: all eight are queued at once.
+    let together =
+        futures::future::join_all(prompts.iter().map(|p| generate(&engine, p, params.clone())))
+            .await;
+    assert_eq!(together, alone);
+}
