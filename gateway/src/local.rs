@@ -139,6 +139,7 @@ impl LocalModels {
             memory_budget: cfg.memory_budget,
             keep_alive: cfg.keep_alive,
             queue_capacity: cfg.queue_capacity,
+            max_batch: cfg.max_batch,
             load: LoadOptions {
                 device: match cfg.device {
                     LocalDevice::Cpu => ComputeDevice::Cpu,

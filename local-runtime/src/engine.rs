@@ -1,11 +1,15 @@
 //! The engine: one dedicated thread per model, fed by a bounded queue.
 //!
-//! Invariants: the thread owns the model and runs one request at a time (continuous
-//! batching is a later step); admission never blocks (a full queue is `Overloaded` at
-//! once); requests that cannot fit the context are refused at submit, never truncated;
-//! the KV cache is reset before every request; a request whose receiver is gone is
-//! cancelled before its next step; a panic in the model becomes `Event::Error` and the
-//! thread goes on serving.
+//! Invariants: the thread owns the model and up to `max_batch` handles on it
+//! ([`LanguageModel::fork`]: shared weights, one KV cache each); running requests take
+//! steps in turn (a prefill chunk of at most [`PREFILL_CHUNK`] tokens, or one decoded
+//! token), so a new request starts while others are decoding and its time to first
+//! token does not wait for theirs to finish; each sequence runs alone through the
+//! model, so its text is the same whatever runs beside it. Admission never blocks (a
+//! full queue is `Overloaded` at once); requests that cannot fit the context are
+//! refused at submit, never truncated; a handle's KV cache is reset before every
+//! request; a request whose receiver is gone is cancelled before its next step; a
+//! panic in the model becomes `Event::Error` and the thread goes on serving.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -114,8 +118,20 @@ impl std::fmt::Debug for Job {
 }
 
 impl Engine {
-    /// Starts the engine thread; at most `queue_capacity` (at least 1) requests wait.
+    /// Starts the engine thread running one request at a time; at most
+    /// `queue_capacity` (at least 1) requests wait.
     pub fn start(model: Box<dyn LanguageModel>, queue_capacity: usize) -> Engine {
+        Engine::start_batched(model, queue_capacity, 1)
+    }
+
+    /// Starts the engine thread running up to `max_batch` requests together (when the
+    /// model can [`fork`](LanguageModel::fork) handles; one otherwise), each on its own
+    /// KV cache, stepped in turn; at most `queue_capacity` more wait.
+    pub fn start_batched(
+        model: Box<dyn LanguageModel>,
+        queue_capacity: usize,
+        max_batch: usize,
+    ) -> Engine {
         let context = model.max_context();
         let vocab_size = model.tokenizer().vocab_size().max(model.info().vocab_size);
         let info = model.info().clone();
@@ -124,7 +140,7 @@ impl Engine {
         let (queue, jobs) = sync_channel(queue_capacity.max(1));
         let thread = std::thread::Builder::new()
             .name("airlock-engine".into())
-            .spawn(move || run(model, jobs))
+            .spawn(move || run(model, jobs, max_batch))
             .ok();
         Engine {
             queue,
@@ -246,26 +262,93 @@ fn end_tokens(model: &dyn LanguageModel) -> Vec<u32> {
     ids
 }
 
-fn run(mut model: Box<dyn LanguageModel>, jobs: Receiver<Job>) {
+/// Prompt tokens per prefill step: a long prompt is prefilled over several steps so
+/// the other sequences keep decoding meanwhile.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// One request in progress on its own model handle (its own KV cache).
+struct Slot {
+    job: Job,
+    model: Box<dyn LanguageModel>,
+    start: Instant,
+    sampler: Sampler,
+    stops: StopMatcher,
+    decoder: StreamDecoder,
+    generated: Vec<u32>,
+    first_token_at: Option<Duration>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Logits of the last position run; empty until the prompt is prefilled.
+    logits: Vec<f32>,
+}
+
+/// What one step of a slot left it as.
+enum Step {
+    Running,
+    /// Finished (Done sent) or cancelled (no one to tell).
+    Over,
+}
+
+/// The engine loop: admits queued requests while it has model handles free, then
+/// gives every running request one step (a prefill chunk or one decoded token) in
+/// turn, so a new request starts without waiting for the ones before it to finish.
+fn run(model: Box<dyn LanguageModel>, jobs: Receiver<Job>, max_batch: usize) {
     let ends = catch_unwind(AssertUnwindSafe(|| end_tokens(model.as_ref()))).unwrap_or_default();
-    while let Ok(job) = jobs.recv() {
-        if job.events.is_closed() {
-            continue;
+    // One handle per concurrent sequence; forks share the weights.
+    let mut spare = vec![model];
+    while spare.len() < max_batch.max(1) {
+        match catch_unwind(AssertUnwindSafe(|| spare[0].fork())) {
+            Ok(Some(m)) => spare.push(m),
+            _ => break,
         }
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            model.reset();
-            generate(model.as_mut(), &ends, &job)
-        }));
-        let error = match outcome {
-            Ok(Ok(())) => None,
-            Ok(Err(message)) => Some(message),
-            Err(panic) => Some(format!("the model panicked: {}", panic_message(&panic))),
-        };
-        if let Some(message) = error {
-            let _ = job.events.send(Event::Error(message));
+    }
+    let mut active: Vec<Slot> = Vec::new();
+    loop {
+        while let Some(model) = spare.pop() {
+            let job = if active.is_empty() {
+                match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => {
+                        spare.push(model);
+                        break;
+                    }
+                }
+            };
+            if job.events.is_closed() {
+                spare.push(model);
+                continue;
+            }
+            active.push(Slot::new(job, model));
         }
-        // Leave no state behind, even after a panic mid-forward.
-        let _ = catch_unwind(AssertUnwindSafe(|| model.reset()));
+        let mut i = 0;
+        while i < active.len() {
+            let outcome = catch_unwind(AssertUnwindSafe(|| active[i].step(&ends)));
+            let error = match outcome {
+                Ok(Ok(Step::Running)) => {
+                    i += 1;
+                    continue;
+                }
+                Ok(Ok(Step::Over)) => None,
+                Ok(Err(message)) => Some(message),
+                Err(panic) => Some(format!("the model panicked: {}", panic_message(&panic))),
+            };
+            let mut slot = active.swap_remove(i);
+            if let Some(message) = error {
+                let _ = slot.job.events.send(Event::Error(message));
+            }
+            // Leave no state behind, even after a panic mid-forward.
+            if catch_unwind(AssertUnwindSafe(|| slot.model.reset())).is_ok() {
+                spare.push(slot.model);
+            } else if spare.is_empty() && active.is_empty() {
+                // The only handle is broken beyond reset: nothing can be served.
+                return;
+            }
+        }
     }
 }
 
@@ -277,33 +360,48 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// Runs one request; `Err` is a message for `Event::Error`. Returns `Ok` when the
-/// client went away (there is no one to tell).
-fn generate(model: &mut dyn LanguageModel, ends: &[u32], job: &Job) -> Result<(), String> {
-    let start = Instant::now();
-    let GenerateRequest {
-        prompt_tokens,
-        params,
-    } = &job.request;
-    let max_tokens = params.max_tokens;
-    let mut sampler = Sampler::new(params.clone());
-    let mut stops = StopMatcher::new(&params.stop);
-    let mut decoder = StreamDecoder::new(true);
-    let mut generated: Vec<u32> = Vec::with_capacity(max_tokens.min(4096));
-    let mut first_token_at = None;
-
-    let mut logits = model
-        .forward(prompt_tokens, 0)
-        .map_err(|e| format!("forward pass failed: {e}"))?;
-    let finish_reason = loop {
-        if job.events.is_closed() {
-            return Ok(());
+impl Slot {
+    fn new(job: Job, mut model: Box<dyn LanguageModel>) -> Slot {
+        model.reset();
+        let params = &job.request.params;
+        Slot {
+            start: Instant::now(),
+            sampler: Sampler::new(params.clone()),
+            stops: StopMatcher::new(&params.stop),
+            decoder: StreamDecoder::new(true),
+            generated: Vec::with_capacity(params.max_tokens.min(4096)),
+            first_token_at: None,
+            prefilled: 0,
+            logits: Vec::new(),
+            job,
+            model,
         }
+    }
+
+    /// One step: the next prefill chunk, then (once the prompt is in) one sampled
+    /// token, emitted, and its forward pass. `Err` is a message for `Event::Error`.
+    fn step(&mut self, ends: &[u32]) -> Result<Step, String> {
+        if self.job.events.is_closed() {
+            return Ok(Step::Over);
+        }
+        let prompt = &self.job.request.prompt_tokens;
+        if self.prefilled < prompt.len() {
+            let end = (self.prefilled + PREFILL_CHUNK).min(prompt.len());
+            self.logits = self
+                .model
+                .forward(&prompt[self.prefilled..end], self.prefilled)
+                .map_err(|e| format!("forward pass failed: {e}"))?;
+            self.prefilled = end;
+            if end < prompt.len() {
+                return Ok(Step::Running);
+            }
+        }
+        let params = &self.job.request.params;
         // Log-probabilities are of the model's own distribution: taken before the
         // sampler applies bias, penalties and temperature in place.
-        let summary = params.logprobs.map(|k| Logprobs::new(&logits, k));
-        let raw: Option<Vec<f32>> = summary.as_ref().map(|_| logits.clone());
-        let token = sampler.sample(&mut logits, &generated);
+        let summary = params.logprobs.map(|k| Logprobs::new(&self.logits, k));
+        let raw: Option<Vec<f32>> = summary.as_ref().map(|_| self.logits.clone());
+        let token = self.sampler.sample(&mut self.logits, &self.generated);
         let logprob = summary.zip(raw).map(|(s, raw)| {
             let logit = raw
                 .get(token as usize)
@@ -311,68 +409,72 @@ fn generate(model: &mut dyn LanguageModel, ends: &[u32], job: &Job) -> Result<()
                 .unwrap_or(f32::NEG_INFINITY);
             s.for_token(token, logit)
         });
-        generated.push(token);
-        first_token_at.get_or_insert_with(|| start.elapsed());
+        self.generated.push(token);
+        let start = self.start;
+        self.first_token_at.get_or_insert_with(|| start.elapsed());
         if ends.contains(&token) {
-            let rest = stops.push(&decoder.finish());
+            let rest = self.stops.push(&std::mem::take(&mut self.decoder).finish());
             let text = if rest.stopped {
                 rest.text
             } else {
-                rest.text + &stops.finish()
+                rest.text + &self.stops.finish()
             };
             if !text.is_empty() {
-                let _ = job.events.send(Event::Token {
+                let _ = self.job.events.send(Event::Token {
                     text,
                     token,
                     logprob: None,
                 });
             }
-            break FinishReason::Stop;
+            return Ok(self.done(FinishReason::Stop));
         }
-        let piece = decoder.push(model.tokenizer(), token);
-        let mut out = stops.push(&piece);
-        let last = generated.len() >= max_tokens;
+        let piece = self.decoder.push(self.model.tokenizer(), token);
+        let mut out = self.stops.push(&piece);
+        let last = self.generated.len() >= params.max_tokens;
         if last && !out.stopped {
-            let tail = stops.push(&std::mem::take(&mut decoder).finish());
+            let tail = self.stops.push(&std::mem::take(&mut self.decoder).finish());
             out.text.push_str(&tail.text);
             out.stopped = tail.stopped;
             if !tail.stopped {
-                out.text.push_str(&stops.finish());
+                out.text.push_str(&self.stops.finish());
             }
         }
-        if job
-            .events
-            .send(Event::Token {
-                text: out.text,
-                token,
-                logprob,
-            })
-            .is_err()
-        {
-            return Ok(());
+        let sent = self.job.events.send(Event::Token {
+            text: out.text,
+            token,
+            logprob,
+        });
+        if sent.is_err() {
+            return Ok(Step::Over);
         }
         if out.stopped {
-            break FinishReason::Stop;
+            return Ok(self.done(FinishReason::Stop));
         }
         if last {
-            break FinishReason::Length;
+            return Ok(self.done(FinishReason::Length));
         }
-        let pos = model.cached_tokens();
-        logits = model
+        let pos = self.model.cached_tokens();
+        self.logits = self
+            .model
             .forward(&[token], pos)
             .map_err(|e| format!("forward pass failed: {e}"))?;
-    };
-    let elapsed = start.elapsed().as_secs_f64();
-    let _ = job.events.send(Event::Done {
-        finish_reason,
-        prompt_tokens: prompt_tokens.len(),
-        completion_tokens: generated.len(),
-        tokens_per_second: if elapsed > 0.0 {
-            generated.len() as f64 / elapsed
-        } else {
-            0.0
-        },
-        time_to_first_token: first_token_at.unwrap_or_default(),
-    });
-    Ok(())
+        Ok(Step::Running)
+    }
+
+    fn done(&self, finish_reason: FinishReason) -> Step {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let completion = self.generated.len();
+        let _ = self.job.events.send(Event::Done {
+            finish_reason,
+            prompt_tokens: self.job.request.prompt_tokens.len(),
+            completion_tokens: completion,
+            tokens_per_second: if elapsed > 0.0 {
+                completion as f64 / elapsed
+            } else {
+                0.0
+            },
+            time_to_first_token: self.first_token_at.unwrap_or_default(),
+        });
+        Step::Over
+    }
 }

@@ -35,6 +35,8 @@ pub struct PoolConfig {
     pub keep_alive: Option<Duration>,
     /// Requests waiting per chat model before `Overloaded`.
     pub queue_capacity: usize,
+    /// Requests a chat model runs at once (interleaved step by step).
+    pub max_batch: usize,
     pub load: LoadOptions,
     /// Models never unloaded by `keep_alive` or evicted (the preloaded ones).
     pub pinned: Vec<String>,
@@ -46,6 +48,7 @@ impl Default for PoolConfig {
             memory_budget: None,
             keep_alive: Some(Duration::from_secs(300)),
             queue_capacity: 16,
+            max_batch: 4,
             load: LoadOptions::default(),
             pinned: Vec::new(),
         }
@@ -336,9 +339,10 @@ impl ModelPool {
             ModelKind::Chat => {
                 let model = airlock_models::load_with(&manifest.path, &self.config.load)
                     .map_err(|e| failed(e.to_string()))?;
-                Ok(Loaded::Chat(Arc::new(Engine::start(
+                Ok(Loaded::Chat(Arc::new(Engine::start_batched(
                     model,
                     self.config.queue_capacity,
+                    self.config.max_batch,
                 ))))
             }
             ModelKind::Embedding => {

@@ -111,7 +111,8 @@ async fn smollm2_generates_reproducibly_through_the_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_greedy_requests_equal_the_same_requests_one_by_one() {
     let model = airlock_models::load(model_path()).unwrap();
-    let engine = Engine::start(model, 8);
+    // Four at once on their own KV caches, the rest queued.
+    let engine = Engine::start_batched(model, 8, 4);
     let questions = [
         "What is the capital of France?",
         "Name a colour.",
@@ -143,4 +144,49 @@ async fn concurrent_greedy_requests_equal_the_same_requests_one_by_one() {
         futures::future::join_all(prompts.iter().map(|p| generate(&engine, p, params.clone())))
             .await;
     assert_eq!(together, alone);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_request_does_not_wait_for_a_long_one_to_finish() {
+    let model = airlock_models::load(model_path()).unwrap();
+    let engine = Engine::start_batched(model, 4, 2);
+    let prompt = |q: &str| {
+        tokenizer().encode(
+            &format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"),
+            EncodeOptions::PROMPT,
+        )
+    };
+    let long_params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 400,
+        ..SamplingParams::default()
+    };
+    let mut long = engine
+        .submit(GenerateRequest {
+            prompt_tokens: prompt("Write a long story about a dragon."),
+            params: long_params,
+        })
+        .unwrap();
+    // Let the long one get going.
+    for _ in 0..3 {
+        assert!(matches!(long.recv().await, Some(Event::Token { .. })));
+    }
+    let short = generate(
+        &engine,
+        &prompt("Say hi."),
+        SamplingParams {
+            temperature: 0.0,
+            max_tokens: 4,
+            ..SamplingParams::default()
+        },
+    )
+    .await;
+    assert!(short.2 >= 1, "the short request finished");
+    // The long one is still running: its Done has not come yet.
+    let mut seen_done = false;
+    while let Ok(ev) = long.try_recv() {
+        seen_done |= matches!(ev, Event::Done { .. });
+    }
+    assert!(!seen_done, "the short request overtook the long one");
+    assert_eq!(engine.queue_depth(), 1);
 }

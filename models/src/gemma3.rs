@@ -50,6 +50,7 @@ const SLIDING_PATTERN: usize = 6;
 const SLIDING_ROPE_BASE: f32 = 10_000.0;
 
 /// A loaded Gemma 3 model: weights, tokenizer, chat template and one KV cache.
+#[derive(Clone)]
 pub struct Gemma3Model {
     weights: Weights,
     info: ModelInfo,
@@ -135,6 +136,13 @@ impl LanguageModel for Gemma3Model {
             .forward(tokens, pos, || weights.forward(tokens, pos))
     }
 
+    fn fork(&self) -> Option<Box<dyn LanguageModel>> {
+        // Weights are reference-counted tensors: the clone shares them.
+        let mut twin = self.clone();
+        twin.reset();
+        Some(Box::new(twin))
+    }
+
     fn reset(&mut self) {
         for layer in &mut self.weights.layers {
             layer.cache = None;
@@ -215,6 +223,7 @@ impl Config {
 }
 
 /// cos/sin of every position's rotary angles, `(positions, head_dim / 2)`.
+#[derive(Clone)]
 struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -245,6 +254,7 @@ impl Rope {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     attn_norm: RmsNorm,
     wq: QMatMul,
@@ -265,6 +275,7 @@ struct Layer {
     cache: Option<(Tensor, Tensor)>,
 }
 
+#[derive(Clone)]
 struct Weights {
     config: Config,
     /// `(vocab, n_embd)` in F32: looked up row by row.

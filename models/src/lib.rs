@@ -50,6 +50,11 @@ pub trait LanguageModel: Send + std::fmt::Debug {
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError>;
     /// Empties the KV cache (and clears the state left by a failed forward pass).
     fn reset(&mut self);
+    /// Another handle on the same weights with its own empty KV cache, so an engine can
+    /// run several sequences at once; `None` when the model cannot share its weights.
+    fn fork(&self) -> Option<Box<dyn LanguageModel>> {
+        None
+    }
 }
 
 /// Where a model's tensors live and its forward passes run.

@@ -32,6 +32,7 @@ use crate::tokenizer::Tokenizer;
 use crate::{LanguageModel, LoadOptions};
 
 /// A loaded llama-family model: weights, tokenizer, chat template and one KV cache.
+#[derive(Clone)]
 pub struct LlamaModel {
     weights: ModelWeights,
     device: Device,
@@ -122,6 +123,13 @@ impl LanguageModel for LlamaModel {
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec1()
         })
+    }
+
+    fn fork(&self) -> Option<Box<dyn LanguageModel>> {
+        // Weights are reference-counted tensors: the clone shares them.
+        let mut twin = self.clone();
+        twin.reset();
+        Some(Box::new(twin))
     }
 
     fn reset(&mut self) {

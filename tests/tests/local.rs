@@ -253,7 +253,7 @@ async fn refusals_have_their_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_at_once_with_retry_after() {
-    let gw = gateway("queue_capacity = 1").await;
+    let gw = gateway("queue_capacity = 1\nmax_batch = 1").await;
     // Warm up (load) first so the burst measures the queue, not the loader.
     gw.post_json(
         "/v1/chat/completions",
@@ -299,7 +299,7 @@ async fn queue_depth(gw: &Gateway, id: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_frees_its_slot() {
-    let gw = gateway("queue_capacity = 1").await;
+    let gw = gateway("queue_capacity = 1\nmax_batch = 1").await;
     let mut req = chat(
         "Write a very long essay about rivers.",
         json!({"max_tokens": 3000, "temperature": 0, "stream": true}),
@@ -599,7 +599,7 @@ async fn a_saturated_local_target_spills_over_to_a_provider() {
         .provider("cloud", &mock)
         .raw(&format!(
             "[[models]]\nname = \"assistant\"\nstrategy = \"priority\"\nlocal_first = true\ntargets = [\"cloud/gpt-4o-mini\", \"local/smol\"]\n\n{}",
-            local_section("queue_capacity = 1", &[("smol", &smol())])
+            local_section("queue_capacity = 1\nmax_batch = 1", &[("smol", &smol())])
         ))
         .start()
         .await;

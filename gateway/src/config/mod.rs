@@ -74,6 +74,7 @@ pub struct LocalConfig {
     /// `None`: never unload.
     pub keep_alive: Option<Duration>,
     pub queue_capacity: usize,
+    pub max_batch: usize,
     /// Loaded at start and kept loaded.
     pub preload: Vec<String>,
     pub device: LocalDevice,
@@ -583,6 +584,7 @@ fn local(raw: RawLocal, p: &mut Problems) -> LocalConfig {
         memory_budget,
         keep_alive,
         queue_capacity: positive(raw.queue_capacity, 16, "local.queue_capacity", p),
+        max_batch: positive(raw.max_batch, 4, "local.max_batch", p),
         preload,
         device,
         models,

@@ -89,6 +89,8 @@ pub struct RawLocal {
     /// Seconds a model stays loaded unused; negative = never unloaded.
     pub keep_alive: Option<f64>,
     pub queue_capacity: Option<u64>,
+    /// Requests one chat model runs at once.
+    pub max_batch: Option<u64>,
     /// Registered models to load at start (and keep loaded).
     pub preload: Option<Vec<String>>,
     /// `cpu`, or `cuda` / `cuda:N` with the `cuda` build feature.
