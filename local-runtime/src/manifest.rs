@@ -87,8 +87,9 @@ pub enum ManifestError {
 
 /// Architectures this build serves, by format.
 pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "gemma3"];
-/// `model_type` values of safetensors folders this build serves.
-pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["bert"];
+/// `model_type` values of safetensors folders this build serves: `bert` for
+/// embeddings, the others for chat.
+pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["bert", "llama", "mistral"];
 
 /// Whether `name` is a valid model name (used in URLs and model ids).
 pub fn valid_name(name: &str) -> bool {
@@ -108,6 +109,8 @@ const FOLDER_FILES: &[&str] = &[
     "config.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
     "modules.json",
     "sentence_bert_config.json",
     "1_Pooling/config.json",
@@ -155,13 +158,11 @@ impl Manifest {
                     )));
                 }
                 let files = folder_files(&dir)?;
-                (
-                    WeightFormat::Safetensors,
-                    ModelKind::Embedding,
-                    arch,
-                    context,
-                    files,
-                )
+                let kind = match arch.as_str() {
+                    "bert" => ModelKind::Embedding,
+                    _ => ModelKind::Chat,
+                };
+                (WeightFormat::Safetensors, kind, arch, context, files)
             }
         };
         let total: u64 = files

@@ -30,6 +30,7 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 
 use crate::error::{catch_panic, ModelError};
+use crate::folder::read_json;
 use crate::gguf::{detect_format, ModelFormat};
 
 /// Texts run through the model together; sentence-transformers' default batch size.
@@ -556,14 +557,6 @@ fn weights_label(dir: &Path, files: &[PathBuf]) -> PathBuf {
         [one] => one.clone(),
         _ => dir.join("*.safetensors"),
     }
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| ModelError::InvalidFile {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
 }
 
 #[cfg(test)]

@@ -37,8 +37,12 @@ pub enum ModelError {
     /// A metadata key the model needs is missing or has the wrong type.
     #[error("GGUF metadata key `{key}`: {reason}")]
     Metadata { key: String, reason: String },
-    /// `general.architecture` names a family this crate cannot run yet.
-    #[error("unsupported architecture `{0}` (supported: llama, gemma3)")]
+    /// `general.architecture` (a folder's `model_type`) names a family this crate
+    /// cannot run yet.
+    #[error(
+        "unsupported architecture `{0}` (supported: GGUF llama and gemma3, safetensors llama \
+         and mistral)"
+    )]
     UnsupportedArchitecture(String),
     /// The tokenizer described by the metadata cannot be built.
     #[error("tokenizer: {0}")]

@@ -2,20 +2,26 @@
 //!
 //! Owns format detection (a GGUF file, or a folder with config.json + *.safetensors +
 //! tokenizer.json), metadata ([`ModelInfo`]), loading weights with candle, tokenizers
-//! ([`Tokenizer`], rebuilt from GGUF metadata), chat templates ([`ChatTemplate`]) and
-//! forward passes ([`LanguageModel`]). It never does threads, async, HTTP or queues:
-//! the local runtime drives a model from its own engine thread.
+//! ([`Tokenizer`], rebuilt from GGUF metadata or read from tokenizer.json), chat
+//! templates ([`ChatTemplate`]) and forward passes ([`LanguageModel`]). It never does
+//! threads, async, HTTP or queues: the local runtime drives a model from its own
+//! engine thread.
 //!
 //! Served today: GGUF files with `general.architecture = "llama"` and a byte-level BPE
-//! (`gpt2`) vocabulary, and `gemma3` with a SentencePiece (`llama`) vocabulary. Anything else is refused at [`load`] with a clear error.
+//! (`gpt2`) vocabulary, `gemma3` with a SentencePiece (`llama`) vocabulary, and
+//! safetensors folders whose `model_type` is `llama` or `mistral`
+//! ([`LlamaSafetensors`]); BERT folders are embedding models ([`EmbeddingModel`]).
+//! Anything else is refused at [`load`] with a clear error.
 //! Nothing here panics on a bad artifact: loaders run under `catch_unwind`.
 
 pub mod embedding;
 mod error;
 mod family;
+mod folder;
 pub mod gemma3;
 pub mod gguf;
 pub mod llama;
+pub mod llama_safetensors;
 pub mod quant;
 pub mod template;
 pub mod tokenizer;
@@ -28,6 +34,7 @@ pub use error::ModelError;
 pub use gemma3::Gemma3Model;
 pub use gguf::{detect_format, GgufFile, ModelFormat, ModelInfo};
 pub use llama::LlamaModel;
+pub use llama_safetensors::{is_llama_dir, LlamaSafetensors};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
@@ -104,7 +111,7 @@ impl Default for LoadOptions {
 }
 
 /// Loads the model at `path` with default options, choosing the implementation by
-/// its format and `general.architecture`.
+/// its format and `general.architecture` (a folder's `model_type`).
 pub fn load(path: impl AsRef<Path>) -> Result<Box<dyn LanguageModel>, ModelError> {
     load_with(path, &LoadOptions::default())
 }
@@ -116,10 +123,7 @@ pub fn load_with(
 ) -> Result<Box<dyn LanguageModel>, ModelError> {
     let path = path.as_ref();
     match detect_format(path)? {
-        ModelFormat::SafetensorsDir(path) => Err(ModelError::UnsupportedFormat {
-            path,
-            format: "safetensors folder",
-        }),
+        ModelFormat::SafetensorsDir(path) => Ok(Box::new(LlamaSafetensors::load(&path, options)?)),
         ModelFormat::Gguf(path) => {
             let gguf = GgufFile::open(&path)?;
             match gguf.info.architecture.as_str() {

@@ -1,8 +1,12 @@
-//! Tokenizers rebuilt from GGUF metadata, and incremental decoding.
+//! Tokenizers rebuilt from GGUF metadata or read from `tokenizer.json`, and
+//! incremental decoding.
 //!
 //! Owns text <-> token ids for byte-level BPE (`tokenizer.ggml.model = "gpt2"`) and
 //! SentencePiece (`llama`, in [`spm`]) vocabularies, matching llama.cpp rather than
-//! candle's `TokenizerFromGguf` (which differs on SmolLM2 and knows no SentencePiece):
+//! candle's `TokenizerFromGguf` (which differs on SmolLM2 and knows no SentencePiece),
+//! and for Hugging Face `tokenizer.json` files of safetensors folders ([`hf`]: Hugging
+//! Face's own encoding under the same options, ids and token bytes as below). GGUF
+//! vocabularies are encoded in three steps:
 //!
 //! 1. Special tokens are split out of the text first (leftmost-longest match): control
 //!    tokens (`<|im_start|>`, ...) only when `parse_special` is set, user-defined tokens
@@ -26,6 +30,7 @@
 //! literal text unless `skip_special`. [`StreamDecoder`] never emits a partial UTF-8
 //! sequence: it holds back an incomplete tail until the next token.
 
+pub mod hf;
 pub mod spm;
 
 use std::cmp::Reverse;
@@ -37,6 +42,7 @@ use fancy_regex::Regex;
 
 use crate::error::ModelError;
 use crate::gguf::{self, ModelInfo};
+pub use hf::HfSpecialTokens;
 pub use spm::SpmConfig;
 
 /// GPT-2's pre-tokenizer pattern (HF `ByteLevel(use_regex=true)`).
@@ -151,10 +157,12 @@ pub struct Tokenizer {
 }
 
 /// How a special-free text fragment becomes ids.
-/// Boxed: each holds 256-entry byte tables.
+/// Boxed: each holds 256-entry byte tables (or a whole HF tokenizer).
 enum Algorithm {
     Bpe(Box<Bpe>),
     Spm(Box<spm::Spm>),
+    /// Hugging Face `tokenizer.json`: it also splits out the added tokens itself.
+    Hf(Box<hf::Hf>),
 }
 
 /// Byte-level BPE state.
@@ -179,6 +187,9 @@ impl std::fmt::Debug for Tokenizer {
                 .field("merges", &bpe.merges.len())
                 .field("pre", &bpe.pre),
             Algorithm::Spm(_) => d.field("model", &"sentencepiece"),
+            Algorithm::Hf(hf) => d
+                .field("model", &format_args!("tokenizer.json {}", hf.model))
+                .field("token_bytes", &hf.bytes),
         };
         d.field("bos_token_id", &self.bos_token_id)
             .field("eos_token_id", &self.eos_token_id)
@@ -517,6 +528,13 @@ impl Tokenizer {
                 out.push(bos);
             }
         }
+        if let Algorithm::Hf(hf) = &self.algorithm {
+            hf.encode(text, options.parse_special, &mut out);
+            if options.add_special && self.add_eos_token {
+                out.extend(self.eos_token_id);
+            }
+            return out;
+        }
         let specials = if options.parse_special {
             self.all_specials.as_ref()
         } else {
@@ -559,6 +577,7 @@ impl Tokenizer {
                 let escaped = text.replace(' ', spm::SPACE.encode_utf8(&mut [0; 4]));
                 spm.encode(&escaped, &self.vocab, out);
             }
+            Algorithm::Hf(hf) => hf.encode(text, true, out),
         }
     }
 
@@ -594,6 +613,17 @@ impl Tokenizer {
                 .map(|b| bpe.byte_chars[usize::from(*b)])
                 .collect(),
             Algorithm::Spm(_) => String::from_utf8_lossy(bytes).replace(' ', "\u{2581}"),
+            Algorithm::Hf(hf) if hf.bytes.byte_level => {
+                let table = byte_to_char_table();
+                bytes.iter().map(|b| table[usize::from(*b)]).collect()
+            }
+            Algorithm::Hf(hf) => {
+                let text = String::from_utf8_lossy(bytes);
+                match hf.bytes.metaspace {
+                    Some(m) => text.replace(' ', m.encode_utf8(&mut [0; 4])),
+                    None => text.into_owned(),
+                }
+            }
         }
     }
 }

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""The local inference benchmark's baselines, measured like airlock-bench-local does.
+
+    python baseline.py llama --threads T --gguf FILE... [--quick] --json OUT
+    python baseline.py st --threads T --embedding DIR [--quick] --json OUT
+
+`llama` needs llama-cpp-python (scripts/llamacpp-venv.sh), `st` sentence-transformers;
+they live in different venvs, so each subcommand imports only its own library.
+The plan (runs, token counts), the prompt text and the sentences are the Rust side's:
+benches/local/data/.
+
+llama.cpp: one `Llama(model_path, n_threads=T, n_ctx=512, verbose=False)`; the prompt is
+the text tokenized by llama.cpp itself (BOS as the model asks) and cut to 256 tokens;
+greedy through `Llama.generate(temp=0, repeat_penalty=1.0)` with the KV cache reset
+before each request (no prefix reuse), ending at max tokens or an end-of-generation
+token. Concurrency: llama-cpp-python has no in-process batching, so N streams run in N
+Python threads, one `Llama` each with n_threads = max(1, T // N) (the total stays at T
+threads where N <= T); ctypes releases the GIL during llama.cpp calls, so they overlap.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+N_CTX = 512
+
+
+def log(msg):
+    print(f"baseline: {msg}", file=sys.stderr, flush=True)
+
+
+def load_plan(quick):
+    with open(os.path.join(DATA, "plan.json")) as f:
+        return json.load(f)["quick" if quick else "full"]
+
+
+def read(name):
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def load_average():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None
+
+
+def median(values):
+    return statistics.median(values) if values else 0.0
+
+
+# --- llama.cpp ------------------------------------------------------------------------
+
+
+def llama_bench(args, plan):
+    import llama_cpp
+    from llama_cpp import Llama
+
+    text = read("prompt.txt")
+    results = []
+    for path in args.gguf:
+        name = os.path.basename(path)
+        log(f"loading {path}")
+        started = time.perf_counter()
+        llm = Llama(model_path=path, n_threads=args.threads, n_threads_batch=args.threads,
+                    n_ctx=N_CTX, n_batch=N_CTX, verbose=False)
+        load_s = time.perf_counter() - started
+        prompt = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        if len(prompt) < plan["prompt_tokens"]:
+            sys.exit(f"the prompt text is only {len(prompt)} tokens for {name}")
+        prompt = prompt[: plan["prompt_tokens"]]
+
+        def run(model, max_tokens, start):
+            """(first token s, done s, tokens), times from start."""
+            model.reset()  # no prefix reuse: every request pays its prefill
+            first = None
+            n = 0
+            for token in model.generate(prompt, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                                        repeat_penalty=1.0, reset=True):
+                n += 1
+                if first is None:
+                    first = time.perf_counter() - start
+                if n >= max_tokens or llama_cpp.llama_token_is_eog(model._model.vocab, token):
+                    break
+            done = time.perf_counter() - start
+            return first if first is not None else done, done, n
+
+        run(llm, 8, time.perf_counter())  # warm-up
+        ttft_ms = []
+        for _ in range(plan["ttft_runs"]):
+            first, _, _ = run(llm, 1, time.perf_counter())
+            ttft_ms.append(first * 1e3)
+        log(f"{name}: TTFT runs (ms) {[round(t, 1) for t in ttft_ms]}")
+
+        rates, counts = [], []
+        for _ in range(plan["decode_runs"]):
+            first, done, n = run(llm, plan["decode_tokens"], time.perf_counter())
+            if n > 1 and done > first:
+                rates.append((n - 1) / (done - first))
+            counts.append(n)
+
+        streams = []
+        for n_streams in plan["streams"]:
+            per = max(1, args.threads // n_streams)
+            if n_streams == 1:
+                models = [llm]
+            else:
+                models = [Llama(model_path=path, n_threads=per, n_threads_batch=per,
+                                n_ctx=N_CTX, n_batch=N_CTX, verbose=False)
+                          for _ in range(n_streams)]
+                for m in models:
+                    run(m, 2, time.perf_counter())  # warm each instance
+            out = [None] * n_streams
+            barrier = threading.Barrier(n_streams + 1)
+
+            def worker(i):
+                barrier.wait()
+                out[i] = run(models[i], plan["stream_tokens"], start_box[0])
+
+            start_box = [0.0]
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_streams)]
+            for t in threads:
+                t.start()
+            start_box[0] = time.perf_counter()
+            barrier.wait()
+            for t in threads:
+                t.join()
+            tokens = sum(o[2] for o in out)
+            wall = max(o[1] for o in out)
+            rate = tokens / wall if wall > 0 else 0.0
+            log(f"{name}: {n_streams} streams ({n_streams} Llama x {per} threads): "
+                f"{tokens} tokens in {wall:.2f} s = {rate:.1f} tok/s")
+            streams.append({"n": n_streams, "tokens": tokens, "wall_s": wall,
+                            "tokens_per_s": rate, "threads_per_stream": per,
+                            "first_token_ms": [o[0] * 1e3 for o in out]})
+            if n_streams != 1:
+                for m in models:
+                    m.close()
+
+        results.append({
+            "model": name, "status": "ok", "load_s": load_s, "prompt_tokens": len(prompt),
+            "ttft_ms_runs": ttft_ms, "ttft_ms_median": median(ttft_ms),
+            "decode_tokens": counts, "decode_tokens_per_s_runs": rates,
+            "decode_tokens_per_s": median(rates), "streams": streams,
+        })
+        llm.close()
+    return {
+        "engine": f"llama-cpp-python {llama_cpp.__version__}",
+        "concurrency": "N Python threads, one Llama each with n_threads = max(1, T // N)",
+        "n_ctx": N_CTX,
+        "chat": results,
+    }
+
+
+# --- sentence-transformers -------------------------------------------------------------
+
+
+def st_bench(args, plan):
+    import sentence_transformers
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.threads)
+    log(f"loading {args.embedding}")
+    started = time.perf_counter()
+    model = SentenceTransformer(args.embedding, device="cpu")
+    load_s = time.perf_counter() - started
+    sentences = read("sentences.txt").splitlines()[: plan["embed_sentences"]]
+    tokens = sum(len(model.tokenizer(s)["input_ids"]) for s in sentences)
+
+    def encode(batch):
+        model.encode(batch, batch_size=32, show_progress_bar=False, convert_to_numpy=True)
+
+    encode(sentences[:1])
+    encode(sentences[:32])
+
+    def rate(batch, passes):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(passes):
+                for i in range(0, len(sentences), batch):
+                    encode(sentences[i:i + batch])
+        return passes * len(sentences) / (time.perf_counter() - start)
+
+    batch1 = rate(1, plan["batch1_passes"])
+    batch32 = rate(32, plan["batch32_passes"])
+    log(f"{os.path.basename(args.embedding)}: {batch1:.1f}/s at batch 1, {batch32:.1f}/s at batch 32")
+    return {
+        "engine": f"sentence-transformers {sentence_transformers.__version__} "
+                  f"(torch {torch.__version__})",
+        "torch_threads": torch.get_num_threads(),
+        "embedding": {
+            "model": os.path.basename(os.path.normpath(args.embedding)), "load_s": load_s,
+            "sentences": len(sentences), "mean_tokens": tokens / max(1, len(sentences)),
+            "batch1_per_s": batch1, "batch32_per_s": batch32,
+        },
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["llama", "st"])
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--gguf", action="append", default=[])
+    p.add_argument("--embedding")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    plan = load_plan(args.quick)
+    started, before = time.perf_counter(), load_average()
+    if args.what == "llama":
+        out = llama_bench(args, plan)
+    else:
+        if not args.embedding:
+            p.error("st needs --embedding")
+        out = st_bench(args, plan)
+    cpu = os.times()
+    out.update({"threads": args.threads, "plan_name": "quick" if args.quick else "full",
+                "load_average_before": before, "load_average_after": load_average(),
+                "wall_s": time.perf_counter() - started, "cpu_s": cpu.user + cpu.system})
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+//! Chat models through the engine: time to first token, decode rate, aggregate rate.
+//!
+//! Every request is greedy (temperature 0, no penalties) on the same prompt: the fixed
+//! text tokenized by the model's own tokenizer (BOS if the model asks for it) and cut
+//! to `plan.prompt_tokens`. Times run from `Engine::submit` to the event that marks
+//! them, so they include the hop over the engine's channel (microseconds). A stream may
+//! end early on an end-of-sequence token; rates count the tokens actually generated.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use airlock_runtime::models::{load_with, EncodeOptions, LoadOptions};
+use airlock_runtime::{Engine, Event, GenerateRequest, SamplingParams};
+use anyhow::{bail, Context as _};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::{median, Plan, PROMPT_TEXT};
+
+/// One request's timeline, measured from its submit.
+struct Timeline {
+    first_token: Duration,
+    done: Duration,
+    tokens: usize,
+}
+
+/// Measures one GGUF model; a model that does not load is `"status": "skipped"`.
+pub fn bench(path: &Path, plan: &Plan) -> anyhow::Result<Value> {
+    let model_name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    );
+    eprintln!("airlock-bench-local: loading {}", path.display());
+    let started = Instant::now();
+    let model = match load_with(path, &LoadOptions::default()) {
+        Ok(m) => m,
+        Err(e) => {
+            let note = format!("Airlock cannot load it: {e}");
+            eprintln!("airlock-bench-local: skipping {model_name}: {note}");
+            return Ok(json!({"model": model_name, "status": "skipped", "note": note}));
+        }
+    };
+    let load_s = started.elapsed().as_secs_f64();
+    let architecture = model.info().architecture.clone();
+    let most_streams = plan.streams.iter().copied().max().unwrap_or(1);
+    // Every stream runs at once on its own KV cache, as with `[local] max_batch >= N`.
+    let engine = Engine::start_batched(model, most_streams, most_streams);
+
+    let mut prompt = engine.tokenizer().encode(
+        PROMPT_TEXT,
+        EncodeOptions {
+            add_special: true,
+            parse_special: false,
+        },
+    );
+    if prompt.len() < plan.prompt_tokens {
+        bail!(
+            "the prompt text is only {} tokens for {model_name}, fewer than {}",
+            prompt.len(),
+            plan.prompt_tokens
+        );
+    }
+    prompt.truncate(plan.prompt_tokens);
+
+    // Warm-up: first-touch of the weights, allocator, rayon's pool.
+    finish(submit(&engine, &prompt, 8)?, Instant::now())?;
+
+    let mut ttft_ms = Vec::new();
+    for _ in 0..plan.ttft_runs {
+        let start = Instant::now();
+        let t = finish(submit(&engine, &prompt, 1)?, start)?;
+        ttft_ms.push(t.first_token.as_secs_f64() * 1e3);
+    }
+    eprintln!(
+        "airlock-bench-local: {model_name}: TTFT runs (ms) {ttft_ms:.1?}; decoding {} tokens",
+        plan.decode_tokens
+    );
+
+    let mut decode_rates = Vec::new();
+    let mut decode_tokens = Vec::new();
+    for _ in 0..plan.decode_runs {
+        let start = Instant::now();
+        let t = finish(submit(&engine, &prompt, plan.decode_tokens)?, start)?;
+        let span = (t.done - t.first_token).as_secs_f64();
+        if t.tokens > 1 && span > 0.0 {
+            decode_rates.push((t.tokens - 1) as f64 / span);
+        }
+        decode_tokens.push(t.tokens);
+    }
+
+    let mut streams = Vec::new();
+    for &n in &plan.streams {
+        let start = Instant::now();
+        let receivers = (0..n)
+            .map(|_| submit(&engine, &prompt, plan.stream_tokens))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Events are buffered per request (unbounded), so draining one after the
+        // other loses no time: the wall clock stops at the last request's Done.
+        let mut tokens = 0;
+        let mut first_token_ms = Vec::new();
+        let mut last_done = Duration::ZERO;
+        for rx in receivers {
+            let t = finish(rx, start)?;
+            tokens += t.tokens;
+            first_token_ms.push(t.first_token.as_secs_f64() * 1e3);
+            last_done = last_done.max(t.done);
+        }
+        let wall_s = last_done.as_secs_f64();
+        let rate = if wall_s > 0.0 {
+            tokens as f64 / wall_s
+        } else {
+            0.0
+        };
+        eprintln!("airlock-bench-local: {model_name}: {n} streams: {tokens} tokens in {wall_s:.2} s = {rate:.1} tok/s");
+        streams.push(json!({
+            "n": n,
+            "tokens": tokens,
+            "wall_s": wall_s,
+            "tokens_per_s": rate,
+            "first_token_ms": first_token_ms,
+        }));
+    }
+
+    Ok(json!({
+        "model": model_name,
+        "status": "ok",
+        "architecture": architecture,
+        "load_s": load_s,
+        "prompt_tokens": prompt.len(),
+        "ttft_ms_runs": ttft_ms,
+        "ttft_ms_median": median(&ttft_ms),
+        "decode_tokens": decode_tokens,
+        "decode_tokens_per_s_runs": decode_rates,
+        "decode_tokens_per_s": median(&decode_rates),
+        "streams": streams,
+    }))
+}
+
+fn submit(
+    engine: &Engine,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> anyhow::Result<UnboundedReceiver<Event>> {
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ..SamplingParams::default()
+    };
+    engine
+        .submit(GenerateRequest {
+            prompt_tokens: prompt.to_vec(),
+            params,
+        })
+        .context("submit")
+}
+
+/// Waits for the request to end; times are from `start`.
+fn finish(mut rx: UnboundedReceiver<Event>, start: Instant) -> anyhow::Result<Timeline> {
+    let mut first_token = None;
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            Event::Token { .. } => {
+                first_token.get_or_insert_with(|| start.elapsed());
+            }
+            Event::Done {
+                completion_tokens, ..
+            } => {
+                let done = start.elapsed();
+                return Ok(Timeline {
+                    first_token: first_token.unwrap_or(done),
+                    done,
+                    tokens: completion_tokens,
+                });
+            }
+            Event::Error(message) => bail!("generation failed: {message}"),
+        }
+    }
+    bail!("the engine dropped the request without a Done event")
+}
