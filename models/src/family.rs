@@ -146,3 +146,38 @@ impl Sequence {
         Ok(())
     }
 }
+
+/// The `LanguageModel` methods every family implements the same way, for a struct
+/// with `info`, `tokenizer`, `template` and `sequence` fields that is `Clone` (its
+/// weights reference-counted, so a clone shares them): the accessors, and `fork` as a
+/// clone with an empty cache.
+macro_rules! model_accessors {
+    () => {
+        fn info(&self) -> &crate::gguf::ModelInfo {
+            &self.info
+        }
+
+        fn tokenizer(&self) -> &std::sync::Arc<crate::tokenizer::Tokenizer> {
+            &self.tokenizer
+        }
+
+        fn chat_template(&self) -> &std::sync::Arc<crate::template::ChatTemplate> {
+            &self.template
+        }
+
+        fn max_context(&self) -> usize {
+            self.sequence.max_context()
+        }
+
+        fn cached_tokens(&self) -> usize {
+            self.sequence.cached()
+        }
+
+        fn fork(&self) -> Option<Box<dyn crate::LanguageModel>> {
+            let mut twin = self.clone();
+            crate::LanguageModel::reset(&mut twin);
+            Some(Box::new(twin))
+        }
+    };
+}
+pub(crate) use model_accessors;

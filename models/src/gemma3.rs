@@ -110,37 +110,12 @@ impl Gemma3Model {
 }
 
 impl LanguageModel for Gemma3Model {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn tokenizer(&self) -> &Arc<Tokenizer> {
-        &self.tokenizer
-    }
-
-    fn chat_template(&self) -> &Arc<ChatTemplate> {
-        &self.template
-    }
-
-    fn max_context(&self) -> usize {
-        self.sequence.max_context()
-    }
-
-    fn cached_tokens(&self) -> usize {
-        self.sequence.cached()
-    }
+    crate::family::model_accessors!();
 
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
         let weights = &mut self.weights;
         self.sequence
             .forward(tokens, pos, || weights.forward(tokens, pos))
-    }
-
-    fn fork(&self) -> Option<Box<dyn LanguageModel>> {
-        // Weights are reference-counted tensors: the clone shares them.
-        let mut twin = self.clone();
-        twin.reset();
-        Some(Box::new(twin))
     }
 
     fn reset(&mut self) {

@@ -93,25 +93,7 @@ impl LlamaModel {
 }
 
 impl LanguageModel for LlamaModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn tokenizer(&self) -> &Arc<Tokenizer> {
-        &self.tokenizer
-    }
-
-    fn chat_template(&self) -> &Arc<ChatTemplate> {
-        &self.template
-    }
-
-    fn max_context(&self) -> usize {
-        self.sequence.max_context()
-    }
-
-    fn cached_tokens(&self) -> usize {
-        self.sequence.cached()
-    }
+    crate::family::model_accessors!();
 
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
         let (weights, device) = (&mut self.weights, &self.device);
@@ -123,13 +105,6 @@ impl LanguageModel for LlamaModel {
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec1()
         })
-    }
-
-    fn fork(&self) -> Option<Box<dyn LanguageModel>> {
-        // Weights are reference-counted tensors: the clone shares them.
-        let mut twin = self.clone();
-        twin.reset();
-        Some(Box::new(twin))
     }
 
     fn reset(&mut self) {

@@ -298,25 +298,7 @@ fn weights_label(dir: &Path, files: &[PathBuf]) -> PathBuf {
 }
 
 impl LanguageModel for LlamaSafetensors {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn tokenizer(&self) -> &Arc<Tokenizer> {
-        &self.tokenizer
-    }
-
-    fn chat_template(&self) -> &Arc<ChatTemplate> {
-        &self.template
-    }
-
-    fn max_context(&self) -> usize {
-        self.sequence.max_context()
-    }
-
-    fn cached_tokens(&self) -> usize {
-        self.sequence.cached()
-    }
+    crate::family::model_accessors!();
 
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
         let (model, cache, device) = (&self.model, &mut self.cache, &self.device);
@@ -328,13 +310,6 @@ impl LanguageModel for LlamaSafetensors {
                 .to_dtype(DType::F32)?
                 .to_vec1()
         })
-    }
-
-    fn fork(&self) -> Option<Box<dyn LanguageModel>> {
-        // The weights are reference-counted tensors; the cache is external and fresh.
-        let mut twin = self.clone();
-        twin.reset();
-        Some(Box::new(twin))
     }
 
     fn reset(&mut self) {
