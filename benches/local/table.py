@@ -98,7 +98,8 @@ def main():
         print(f"\nNote: {n}")
     if llama.get("concurrency"):
         print(f"\nllama.cpp concurrency: {llama['concurrency']}. Airlock: N requests submitted at once "
-              "to one engine, which runs them one at a time.")
+              "to one engine with max_batch = N: each on its own KV cache, stepped in turn "
+              "(interleaved, not yet one batched forward pass).")
 
 
 if __name__ == "__main__":
