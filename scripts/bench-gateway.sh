@@ -2,7 +2,7 @@
 # Gateway load benchmark: airlock against nginx as a plain reverse proxy and against
 # calling the mock upstream directly, in the same run.
 #
-#   bash scripts/bench-gateway.sh [--quick] [--everything-on]
+#   bash scripts/bench-gateway.sh [--quick] [--everything-on] [--profile]
 #
 # Builds the release binaries (airlock, airlock-load), installs nginx and gnuplot with
 # apt-get if missing, then on loopback only:
@@ -18,6 +18,10 @@
 # metrics), its key made through the admin API (create_full_key below); runs are then
 # shorter so the total stays bounded. Without it, only the bare gateway is measured.
 #
+# --profile samples the gateway processes with `perf record -e cpu-clock` (software
+# clock: works where hardware counters are not exposed) during the closed-loop phases
+# only, and writes the flat profile by symbol to target/bench/gateway-profile-*.txt.
+#
 # Environment: BENCH_ONLY="fixed-json closed-json" runs only those phases;
 # BENCH_DURATION=SECONDS overrides the measured time per run.
 set -euo pipefail
@@ -28,12 +32,14 @@ ARGS="$*"
 
 QUICK=()
 FULL=0
+PROFILE=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=(--quick) ;;
     --everything-on) FULL=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg (use --quick, --everything-on)" >&2; exit 64 ;;
+    --profile) PROFILE=1; BENCH_ONLY=${BENCH_ONLY:-closed-json closed-sse} ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (use --quick, --everything-on, --profile)" >&2; exit 64 ;;
   esac
 done
 
@@ -243,8 +249,26 @@ log "running phases (${QUICK[*]:-full}); progress below, tables on stdout"
 echo
 echo "Command: bash scripts/bench-gateway.sh $ARGS"
 echo
+PERF_PIDS=()
+if [ "$PROFILE" = 1 ]; then
+  command -v perf >/dev/null || "${SUDO[@]}" apt-get install -y -qq linux-perf >&2
+  for pid in "$BARE_PID" ${FULL_PID:-}; do
+    perf record -q -e cpu-clock -F 999 -p "$pid" -o "$TMP/perf-$pid.data" 2>/dev/null &
+    PERF_PIDS+=("$!")
+  done
+fi
 taskset -c 1 "$LOAD" run --targets "$TMP/targets.json" "${QUICK[@]}" "${EXTRA[@]}" \
   --json target/bench/gateway.json --plot-data "$TMP/p99.dat" --label "$LABEL"
+if [ "$PROFILE" = 1 ]; then
+  for p in "${PERF_PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  for pid in "$BARE_PID" ${FULL_PID:-}; do
+    name=bare; [ "$pid" = "${FULL_PID:-}" ] && name=everything-on
+    { perf report -i "$TMP/perf-$pid.data" --stdio --sort dso 2>/dev/null
+      perf report -i "$TMP/perf-$pid.data" --stdio --sort dso,symbol --percent-limit 0.3 2>/dev/null
+    } | grep -E '^ +[0-9]' | sed -E 's/ +$//; s/ {2,}/  /g' >"target/bench/gateway-profile-$name.txt" || true
+    log "profile ($name): target/bench/gateway-profile-$name.txt"
+  done
+fi
 
 for pid in "$BARE_PID" ${FULL_PID:-}; do
   if ! kill -0 "$pid" 2>/dev/null; then log "airlock (pid $pid) died during the run:"; tail -n 20 "$TMP"/airlock*.err >&2; exit 1; fi
