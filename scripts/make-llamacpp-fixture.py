@@ -14,7 +14,12 @@ Records, with llama-cpp-python (the version is written into the fixture):
   continuation: argmax of the logits at every step (temperature 0, no penalties,
   no top-k/top-p/min-p), up to 32 tokens or an end-of-turn token, with the margin
   between the best and second-best logit at each step, so a test can tell a near tie
-  from a real disagreement.
+  from a real disagreement, and the 20 best logits of the first step (ids and
+  values) so a test can measure how far our logits are from llama.cpp's;
+- `loglik`: a fixed English text, its ids (BOS added as the model says) and the
+  log-probability llama.cpp gives each token after the first (logits of every
+  position, `logits_all=True`), with their mean: the figure a faithful forward pass
+  must reproduce within 1%.
 """
 
 import json
@@ -46,6 +51,16 @@ CORPUS = [
     "Ünïcödé ẞ ǅ ﬁ ＡＢＣ １２３ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
 ]
 
+
+LOGLIK_TEXT = (
+    "The river town woke slowly. Fishermen pulled their boats onto the gravel, "
+    "bakers opened their shutters, and the first bus of the day crossed the old stone "
+    "bridge with its lights still on. By nine o'clock the market square was full: "
+    "apples from the hills, cheese wrapped in paper, and a man selling radios that "
+    "had not worked in years. Children ran between the stalls while their parents "
+    "argued about prices. In the afternoon it rained, as it always did in October, "
+    "and everyone went home early to sit by the fire and talk about the harvest."
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -134,7 +149,7 @@ def main():
         ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         llm.reset()
         llm.eval(ids)
-        out, margins = [], []
+        out, margins, top = [], [], None
         for _ in range(STEPS):
             # The last evaluated token's logits (llama-cpp-python keeps `scores` only
             # with logits_all).
@@ -145,6 +160,9 @@ def main():
             top2 = top2[np.argsort(-logits[top2])]
             best = int(top2[0])
             margins.append(round(float(logits[top2[0]] - logits[top2[1]]), 4))
+            if top is None:
+                best20 = np.argsort(-logits)[:20]
+                top = [[int(i), round(float(logits[i]), 5)] for i in best20]
             out.append(best)
             if best in ends:
                 break
@@ -157,16 +175,46 @@ def main():
                 "prompt_ids": ids,
                 "ids": out,
                 "margins": margins,
+                "top_logits": top,
                 "text": text,
             }
         )
         print(f"{question!r} -> {text!r}", file=sys.stderr)
+
+    del llm
+    scorer = Llama(
+        model_path=MODEL,
+        n_ctx=512,
+        n_batch=512,
+        n_threads=2,
+        seed=0,
+        logits_all=True,
+        verbose=False,
+    )
+    ids = scorer.tokenize(LOGLIK_TEXT.encode("utf-8"), add_bos=True, special=False)
+    scorer.reset()
+    scorer.eval(ids)
+    scores = np.array(scorer.scores[: len(ids)], dtype=np.float64)
+    logprobs = []
+    for i in range(1, len(ids)):
+        row = scores[i - 1]
+        top = row.max()
+        lse = top + np.log(np.exp(row - top).sum())
+        logprobs.append(round(float(row[ids[i]] - lse), 6))
+    loglik = {
+        "text": LOGLIK_TEXT,
+        "ids": ids,
+        "logprobs": logprobs,
+        "mean": float(np.mean(logprobs)),
+    }
+    print(f"mean log-likelihood {loglik['mean']:.5f} over {len(logprobs)} tokens", file=sys.stderr)
 
     fixture = {
         "model": os.path.basename(MODEL),
         "generator": f"llama-cpp-python {llama_cpp.__version__}, scripts/make-llamacpp-fixture.py {family}",
         "tokens": tokens,
         "greedy": greedy,
+        "loglik": loglik,
     }
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w", encoding="utf-8") as f:

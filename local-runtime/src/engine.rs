@@ -1,11 +1,13 @@
 //! The engine: one dedicated thread per model, fed by a bounded queue.
 //!
 //! Invariants: the thread owns the model and up to `max_batch` handles on it
-//! ([`LanguageModel::fork`]: shared weights, one KV cache each); running requests take
-//! steps in turn (a prefill chunk of at most [`PREFILL_CHUNK`] tokens, or one decoded
-//! token), so a new request starts while others are decoding and its time to first
-//! token does not wait for theirs to finish; each sequence runs alone through the
-//! model, so its text is the same whatever runs beside it. Admission never blocks (a
+//! ([`LanguageModel::fork`]: shared weights, one KV cache each); every running
+//! request takes one step per iteration (a prefill chunk of at most [`PREFILL_CHUNK`]
+//! tokens, or one decoded token), all of them in one
+//! [`airlock_models::forward_batch`] pass (continuous batching: requests join and
+//! leave between steps), so a new request starts while others are decoding and its
+//! time to first token does not wait for theirs to finish; rows of a batch never see
+//! each other, so a sequence's text is the same whatever runs beside it. Admission never blocks (a
 //! full queue is `Overloaded` at once); requests that cannot fit the context are
 //! refused at submit, never truncated; a handle's KV cache is reset before every
 //! request; a request whose receiver is gone is cancelled before its next step; a
@@ -278,20 +280,27 @@ struct Slot {
     first_token_at: Option<Duration>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Prompt tokens of the chunk in flight (0 when decoding).
+    prefilling: usize,
     /// Logits of the last position run; empty until the prompt is prefilled.
     logits: Vec<f32>,
 }
 
-/// What one step of a slot left it as.
+/// What a slot needs next.
 enum Step {
-    Running,
+    /// These tokens run through the model (a prefill chunk, or the token just
+    /// sampled) before the slot can go on.
+    Forward(Vec<u32>),
     /// Finished (Done sent) or cancelled (no one to tell).
     Over,
 }
 
 /// The engine loop: admits queued requests while it has model handles free, then
-/// gives every running request one step (a prefill chunk or one decoded token) in
-/// turn, so a new request starts without waiting for the ones before it to finish.
+/// runs one step for every running request together: each says what it needs (a
+/// prefill chunk, or the token it just sampled and emitted) and one
+/// [`airlock_models::forward_batch`] call runs them all, the weights read once for
+/// every row. A new request thus starts without waiting for the ones before it, and
+/// decoding many sequences costs little more than one.
 fn run(model: Box<dyn LanguageModel>, jobs: Receiver<Job>, max_batch: usize) {
     let ends = catch_unwind(AssertUnwindSafe(|| end_tokens(model.as_ref()))).unwrap_or_default();
     // One handle per concurrent sequence; forks share the weights.
@@ -325,11 +334,14 @@ fn run(model: Box<dyn LanguageModel>, jobs: Receiver<Job>, max_batch: usize) {
             }
             active.push(Slot::new(job, model));
         }
+        // Each slot says what it needs; finished and failed ones leave.
+        let mut wanted: Vec<Vec<u32>> = Vec::with_capacity(active.len());
         let mut i = 0;
         while i < active.len() {
-            let outcome = catch_unwind(AssertUnwindSafe(|| active[i].step(&ends)));
+            let outcome = catch_unwind(AssertUnwindSafe(|| active[i].next(&ends)));
             let error = match outcome {
-                Ok(Ok(Step::Running)) => {
+                Ok(Ok(Step::Forward(tokens))) => {
+                    wanted.push(tokens);
                     i += 1;
                     continue;
                 }
@@ -337,18 +349,57 @@ fn run(model: Box<dyn LanguageModel>, jobs: Receiver<Job>, max_batch: usize) {
                 Ok(Err(message)) => Some(message),
                 Err(panic) => Some(format!("the model panicked: {}", panic_message(&panic))),
             };
-            let mut slot = active.swap_remove(i);
-            if let Some(message) = error {
-                let _ = slot.job.events.send(Event::Error(message));
-            }
-            // Leave no state behind, even after a panic mid-forward.
-            if catch_unwind(AssertUnwindSafe(|| slot.model.reset())).is_ok() {
-                spare.push(slot.model);
-            } else if spare.is_empty() && active.is_empty() {
-                // The only handle is broken beyond reset: nothing can be served.
+            let slot = active.swap_remove(i);
+            retire(slot, error, &mut spare);
+        }
+        if active.is_empty() {
+            if spare.is_empty() {
                 return;
             }
+            continue;
         }
+        // One pass for everyone.
+        let results = {
+            let mut models: Vec<&mut (dyn LanguageModel + 'static)> =
+                active.iter_mut().map(|s| s.model.as_mut()).collect();
+            let tokens: Vec<&[u32]> = wanted.iter().map(Vec::as_slice).collect();
+            catch_unwind(AssertUnwindSafe(|| {
+                airlock_models::forward_batch(&mut models, &tokens)
+            }))
+        };
+        let results: Vec<Result<Vec<f32>, String>> = match results {
+            Ok(results) => results
+                .into_iter()
+                .map(|r| r.map_err(|e| format!("forward pass failed: {e}")))
+                .collect(),
+            Err(panic) => {
+                let message = format!("the model panicked: {}", panic_message(&panic));
+                vec![Err(message); active.len()]
+            }
+        };
+        let mut failed = Vec::new();
+        for (i, (slot, result)) in active.iter_mut().zip(results).enumerate() {
+            match result {
+                Ok(logits) => slot.absorb(logits),
+                Err(message) => failed.push((i, message)),
+            }
+        }
+        for (i, message) in failed.into_iter().rev() {
+            let slot = active.swap_remove(i);
+            retire(slot, Some(message), &mut spare);
+        }
+    }
+}
+
+/// Ends a slot: tells its client about an error, and gives its handle back clean.
+fn retire(mut slot: Slot, error: Option<String>, spare: &mut Vec<Box<dyn LanguageModel>>) {
+    if let Some(message) = error {
+        let _ = slot.job.events.send(Event::Error(message));
+    }
+    // Leave no state behind, even after a panic mid-forward; a handle broken beyond
+    // reset is dropped (the loop ends when none is left).
+    if catch_unwind(AssertUnwindSafe(|| slot.model.reset())).is_ok() {
+        spare.push(slot.model);
     }
 }
 
@@ -372,29 +423,31 @@ impl Slot {
             generated: Vec::with_capacity(params.max_tokens.min(4096)),
             first_token_at: None,
             prefilled: 0,
+            prefilling: 0,
             logits: Vec::new(),
             job,
             model,
         }
     }
 
-    /// One step: the next prefill chunk, then (once the prompt is in) one sampled
-    /// token, emitted, and its forward pass. `Err` is a message for `Event::Error`.
-    fn step(&mut self, ends: &[u32]) -> Result<Step, String> {
+    /// The logits of the tokens [`next`](Self::next) asked for.
+    fn absorb(&mut self, logits: Vec<f32>) {
+        self.prefilled += std::mem::take(&mut self.prefilling);
+        self.logits = logits;
+    }
+
+    /// What this slot needs next: the next prefill chunk, or (once the prompt is in)
+    /// one token sampled, emitted, and then run. `Err` is a message for
+    /// `Event::Error`.
+    fn next(&mut self, ends: &[u32]) -> Result<Step, String> {
         if self.job.events.is_closed() {
             return Ok(Step::Over);
         }
         let prompt = &self.job.request.prompt_tokens;
         if self.prefilled < prompt.len() {
             let end = (self.prefilled + PREFILL_CHUNK).min(prompt.len());
-            self.logits = self
-                .model
-                .forward(&prompt[self.prefilled..end], self.prefilled)
-                .map_err(|e| format!("forward pass failed: {e}"))?;
-            self.prefilled = end;
-            if end < prompt.len() {
-                return Ok(Step::Running);
-            }
+            self.prefilling = end - self.prefilled;
+            return Ok(Step::Forward(prompt[self.prefilled..end].to_vec()));
         }
         let params = &self.job.request.params;
         // Log-probabilities are of the model's own distribution: taken before the
@@ -453,12 +506,7 @@ impl Slot {
         if last {
             return Ok(self.done(FinishReason::Length));
         }
-        let pos = self.model.cached_tokens();
-        self.logits = self
-            .model
-            .forward(&[token], pos)
-            .map_err(|e| format!("forward pass failed: {e}"))?;
-        Ok(Step::Running)
+        Ok(Step::Forward(vec![token]))
     }
 
     fn done(&self, finish_reason: FinishReason) -> Step {

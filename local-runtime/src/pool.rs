@@ -48,7 +48,7 @@ impl Default for PoolConfig {
             memory_budget: None,
             keep_alive: Some(Duration::from_secs(300)),
             queue_capacity: 16,
-            max_batch: 4,
+            max_batch: 8,
             load: LoadOptions::default(),
             pinned: Vec::new(),
         }

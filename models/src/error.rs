@@ -40,8 +40,8 @@ pub enum ModelError {
     /// `general.architecture` (a folder's `model_type`) names a family this crate
     /// cannot run yet.
     #[error(
-        "unsupported architecture `{0}` (supported: GGUF llama and gemma3, safetensors llama \
-         and mistral)"
+        "unsupported architecture `{0}` (supported: GGUF llama, qwen2, qwen3 and gemma3, \
+         safetensors llama and mistral)"
     )]
     UnsupportedArchitecture(String),
     /// The tokenizer described by the metadata cannot be built.

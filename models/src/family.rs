@@ -108,13 +108,23 @@ impl Sequence {
         }
     }
 
+    /// Counts `n` more positions after a pass run outside [`Sequence::forward`].
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.cached += n;
+    }
+
+    /// Marks the cache unknown after a failed pass run outside [`Sequence::forward`].
+    pub(crate) fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
     /// Forgets the sequence (the caller empties its cache).
     pub(crate) fn reset(&mut self) {
         self.cached = 0;
         self.poisoned = false;
     }
 
-    fn check(&self, tokens: &[u32], pos: usize) -> Result<(), ModelError> {
+    pub(crate) fn check(&self, tokens: &[u32], pos: usize) -> Result<(), ModelError> {
         if self.poisoned {
             return Err(ModelError::InvalidInput(
                 "a previous forward pass failed; reset() before the next one".to_string(),

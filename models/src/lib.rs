@@ -8,33 +8,39 @@
 //! engine thread.
 //!
 //! Served today: GGUF files with `general.architecture = "llama"` and a byte-level BPE
-//! (`gpt2`) vocabulary, `gemma3` with a SentencePiece (`llama`) vocabulary, and
-//! safetensors folders whose `model_type` is `llama` or `mistral`
-//! ([`LlamaSafetensors`]); BERT folders are embedding models ([`EmbeddingModel`]).
+//! (`gpt2`) vocabulary, `qwen2` and `qwen3` (byte-level BPE, `qwen2` pre-tokenizer),
+//! `gemma3` with a SentencePiece (`llama`) vocabulary, and safetensors folders whose
+//! `model_type` is `llama` or `mistral` ([`LlamaSafetensors`]); BERT folders are
+//! embedding models ([`EmbeddingModel`]).
 //! Anything else is refused at [`load`] with a clear error.
 //! Nothing here panics on a bad artifact: loaders run under `catch_unwind`.
 
+pub mod decoder;
 pub mod embedding;
 mod error;
 mod family;
 mod folder;
 pub mod gemma3;
 pub mod gguf;
+pub mod kernels;
 pub mod llama;
 pub mod llama_safetensors;
 pub mod quant;
+pub mod qwen;
 pub mod template;
 pub mod tokenizer;
 
 use std::path::Path;
 use std::sync::Arc;
 
+pub use decoder::DecoderModel;
 pub use embedding::{is_embedding_dir, Embedded, EmbeddingInfo, EmbeddingModel, Pooling};
 pub use error::ModelError;
 pub use gemma3::Gemma3Model;
 pub use gguf::{detect_format, GgufFile, ModelFormat, ModelInfo};
 pub use llama::LlamaModel;
 pub use llama_safetensors::{is_llama_dir, LlamaSafetensors};
+pub use qwen::QwenModel;
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
@@ -62,6 +68,44 @@ pub trait LanguageModel: Send + std::fmt::Debug {
     fn fork(&self) -> Option<Box<dyn LanguageModel>> {
         None
     }
+    /// The concrete model, for [`forward_batch`] to find handles it can run together.
+    fn as_any_mut(&mut self) -> Option<&mut (dyn std::any::Any + 'static)> {
+        None
+    }
+    /// Handles with the same `Some` group share weights and can run in one
+    /// [`forward_batch`] pass.
+    fn batch_group(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Runs `tokens[i]` through `models[i]` (each at its own [`LanguageModel::cached_tokens`])
+/// and returns each one's logits for its last token, as `forward` would one by one.
+/// Handles of one [`DecoderModel`] (same [`LanguageModel::batch_group`]) run in a
+/// single pass that multiplies each weight matrix once for all their rows; others run
+/// one after another.
+pub fn forward_batch(
+    models: &mut [&mut (dyn LanguageModel + 'static)],
+    tokens: &[&[u32]],
+) -> Vec<Result<Vec<f32>, ModelError>> {
+    let group = models.first().and_then(|m| m.batch_group());
+    let together = models.len() > 1
+        && models.len() == tokens.len()
+        && group.is_some()
+        && models.iter().all(|m| m.batch_group() == group);
+    if together {
+        if let Some(results) = decoder::forward_batch(models, tokens) {
+            return results;
+        }
+    }
+    models
+        .iter_mut()
+        .zip(tokens)
+        .map(|(m, t)| {
+            let pos = m.cached_tokens();
+            m.forward(t, pos)
+        })
+        .collect()
 }
 
 /// Where a model's tensors live and its forward passes run.
@@ -99,6 +143,27 @@ pub struct LoadOptions {
     /// See [`quant`].
     pub requantize_slow_formats: bool,
     pub device: ComputeDevice,
+    /// How the CPU decoder keeps keys and values (llama.cpp's `--cache-type-k/v`).
+    pub kv_cache: KvCachePrecision,
+}
+
+/// The precision of the KV cache of the CPU decoder ([`DecoderModel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCachePrecision {
+    /// Half precision, llama.cpp's default: keys, values, queries and attention
+    /// weights are rounded as its F16 cache and matmuls round them, so logits track
+    /// llama.cpp's.
+    #[default]
+    F16,
+    /// Full precision (what candle's passes compute).
+    F32,
+}
+
+impl LoadOptions {
+    /// Whether the weights go to a GPU (where candle's own kernels run the model).
+    pub fn device_is_gpu(&self) -> bool {
+        self.device != ComputeDevice::Cpu
+    }
 }
 
 impl Default for LoadOptions {
@@ -106,6 +171,7 @@ impl Default for LoadOptions {
         Self {
             requantize_slow_formats: true,
             device: ComputeDevice::Cpu,
+            kv_cache: KvCachePrecision::F16,
         }
     }
 }
@@ -127,8 +193,12 @@ pub fn load_with(
         ModelFormat::Gguf(path) => {
             let gguf = GgufFile::open(&path)?;
             match gguf.info.architecture.as_str() {
+                arch if DecoderModel::supports(arch) && !options.device_is_gpu() => {
+                    Ok(Box::new(DecoderModel::load(gguf, options)?))
+                }
                 "llama" => Ok(Box::new(LlamaModel::load(gguf, options)?)),
                 "gemma3" => Ok(Box::new(Gemma3Model::load(gguf, options)?)),
+                "qwen2" | "qwen3" => Ok(Box::new(QwenModel::load(gguf, options)?)),
                 other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
             }
         }

@@ -14,10 +14,11 @@
 //!    as llama.cpp does). Each one becomes its own id; the text between them is
 //!    encoded alone.
 //! 2. BPE: each text fragment is pre-tokenized by the regex llama.cpp picks from
-//!    `tokenizer.ggml.pre` ([`PreTokenizer`]), then every piece is mapped to GPT-2's
-//!    byte-to-unicode alphabet and merged by BPE: the adjacent pair with the lowest
-//!    merge rank first, leftmost on ties. SentencePiece: spaces become `▁` and the
-//!    fragment is merged by score ([`spm`]), unknown characters falling back to bytes.
+//!    `tokenizer.ggml.pre` ([`PreTokenizer`]: `gpt2`, `smollm`, `qwen2`), then every
+//!    piece is mapped to GPT-2's byte-to-unicode alphabet and merged by BPE: the
+//!    adjacent pair with the lowest merge rank first, leftmost on ties.
+//!    SentencePiece: spaces become `▁` and the fragment is merged by score ([`spm`]),
+//!    unknown characters falling back to bytes.
 //! 3. A BOS id is prepended (and for SentencePiece an EOS id appended) only when
 //!    `add_special` is asked for *and* the model says `add_bos_token`
 //!    (`add_eos_token`); a space is prepended to each text fragment that starts the
@@ -48,6 +49,13 @@ pub use spm::SpmConfig;
 /// GPT-2's pre-tokenizer pattern (HF `ByteLevel(use_regex=true)`).
 const GPT2_PATTERN: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+/// Qwen2's pre-tokenizer pattern, as llama.cpp writes it for
+/// `LLAMA_VOCAB_PRE_TYPE_QWEN2` (the tokenizer.json original has `(?i:...)` around
+/// the contractions): llama 3's pattern with every digit a piece of its own, a letter
+/// run taking at most one non-letter, non-digit, non-newline character before it, and
+/// newlines kept with the whitespace or punctuation before them.
+const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The type llama.cpp gives each vocabulary entry (`tokenizer.ggml.token_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +89,9 @@ pub enum PreTokenizer {
     Gpt2,
     /// Every numeric character on its own, then GPT-2's regex (`smollm`).
     SmolLm,
+    /// Qwen2's regex (`qwen2`: Qwen 2, 2.5 and 3 vocabularies; `deepseek-r1-qwen`, the
+    /// same vocabulary in DeepSeek's Qwen distillations, as llama.cpp maps it).
+    Qwen2,
 }
 
 impl PreTokenizer {
@@ -90,9 +101,18 @@ impl PreTokenizer {
         match pre {
             None | Some("default" | "gpt2" | "gpt-2") => Ok(Self::Gpt2),
             Some("smollm") => Ok(Self::SmolLm),
+            Some("qwen2" | "deepseek-r1-qwen") => Ok(Self::Qwen2),
             Some(other) => Err(ModelError::Tokenizer(format!(
-                "unsupported pre-tokenizer `{other}` (supported: gpt2, smollm)"
+                "unsupported pre-tokenizer `{other}` (supported: gpt2, smollm, qwen2)"
             ))),
+        }
+    }
+
+    /// The regex that cuts text (for `SmolLm`, the text between digits).
+    fn pattern(self) -> &'static str {
+        match self {
+            Self::Gpt2 | Self::SmolLm => GPT2_PATTERN,
+            Self::Qwen2 => QWEN2_PATTERN,
         }
     }
 }
@@ -397,7 +417,7 @@ impl Tokenizer {
         })?;
         let user_specials = specials(&tokens, &token_types, &|ty| ty == TokenType::UserDefined)?;
 
-        let regex = Regex::new(GPT2_PATTERN)
+        let regex = Regex::new(pre.pattern())
             .map_err(|e| ModelError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
 
         Ok(Self {
@@ -604,6 +624,22 @@ impl Tokenizer {
         }
     }
 
+    /// The pieces a byte-level BPE vocabulary's pre-tokenizer cuts special-free
+    /// `text` into before merging (see [`PreTokenizer`]); other vocabularies do not
+    /// pre-tokenize, so their text is one piece. For checking a pre-tokenizer against
+    /// llama.cpp's, piece by piece.
+    pub fn pre_tokenize<'t>(&self, text: &'t str) -> Vec<&'t str> {
+        match &self.algorithm {
+            Algorithm::Bpe(bpe) => {
+                let mut pieces = Vec::new();
+                bpe.split(text, &mut |p| pieces.push(p));
+                pieces
+            }
+            Algorithm::Spm(_) | Algorithm::Hf(_) if text.is_empty() => Vec::new(),
+            Algorithm::Spm(_) | Algorithm::Hf(_) => vec![text],
+        }
+    }
+
     /// The stored form raw bytes would have as a vocabulary entry: GPT-2's byte-level
     /// characters for BPE, the text with spaces as `▁` for SentencePiece.
     pub fn byte_level(&self, bytes: &[u8]) -> String {
@@ -687,33 +723,41 @@ fn specials(
 impl Bpe {
     /// Pre-tokenizes one special-free fragment and BPE-encodes each piece.
     fn encode_fragment(&self, text: &str, out: &mut Vec<u32>) {
+        self.split(text, &mut |piece| self.bpe(piece.as_bytes(), out));
+    }
+
+    /// Cuts one special-free fragment into the pieces BPE runs on, in order; together
+    /// they cover `text` exactly.
+    fn split<'t>(&self, text: &'t str, piece: &mut dyn FnMut(&'t str)) {
         match self.pre {
-            PreTokenizer::Gpt2 => self.encode_regex_pieces(text, out),
+            PreTokenizer::Gpt2 | PreTokenizer::Qwen2 => self.split_regex(text, piece),
             PreTokenizer::SmolLm => {
                 let mut start = 0;
                 for (i, c) in text.char_indices() {
                     if c.is_numeric() {
-                        self.encode_regex_pieces(&text[start..i], out);
+                        self.split_regex(&text[start..i], piece);
                         let end = i + c.len_utf8();
-                        self.bpe(&text.as_bytes()[i..end], out);
+                        piece(&text[i..end]);
                         start = end;
                     }
                 }
-                self.encode_regex_pieces(&text[start..], out);
+                self.split_regex(&text[start..], piece);
             }
         }
     }
 
-    fn encode_regex_pieces(&self, text: &str, out: &mut Vec<u32>) {
+    fn split_regex<'t>(&self, text: &'t str, piece: &mut dyn FnMut(&'t str)) {
         let mut start = 0;
         for m in self.regex.find_iter(text) {
             match m {
                 Ok(m) => {
                     // Text the pattern skipped is a piece of its own, as in llama.cpp.
                     if m.start() > start {
-                        self.bpe(&text.as_bytes()[start..m.start()], out);
+                        piece(&text[start..m.start()]);
                     }
-                    self.bpe(m.as_str().as_bytes(), out);
+                    if !m.as_str().is_empty() {
+                        piece(m.as_str());
+                    }
                     start = m.end();
                 }
                 // Backtracking limit hit: keep the rest as one piece rather than lose it.
@@ -721,7 +765,7 @@ impl Bpe {
             }
         }
         if start < text.len() {
-            self.bpe(&text.as_bytes()[start..], out);
+            piece(&text[start..]);
         }
     }
 

@@ -168,7 +168,9 @@ fn tokenizer_round_trips_a_varied_corpus() {
 #[test]
 fn chat_template_renders_gemma_turns() {
     let Some(model) = model() else { return };
-    let model = model.lock().unwrap();
+    let model = model
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let template = model.chat_template();
     for case in &fixture().greedy {
         let text = template
@@ -204,7 +206,9 @@ fn chat_template_renders_gemma_turns() {
 #[test]
 fn greedy_follows_llama_cpp() {
     let Some(model) = model() else { return };
-    let mut guard = model.lock().unwrap();
+    let mut guard = model
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let model: &mut dyn LanguageModel = &mut **guard;
     let ends = end_ids(model.tokenizer());
     common::check_greedy(model, fixture(), &ends, MUST_AGREE, NEAR_TIE);
@@ -213,7 +217,9 @@ fn greedy_follows_llama_cpp() {
 #[test]
 fn model_knows_the_capital_of_france() {
     let Some(model) = model() else { return };
-    let mut guard = model.lock().unwrap();
+    let mut guard = model
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let model: &mut dyn LanguageModel = &mut **guard;
     let tok = model.tokenizer().clone();
     let paris = tok.encode(" Paris", EncodeOptions::PLAIN);
@@ -242,7 +248,9 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn forward_pass_invariants() {
     let Some(model) = model() else { return };
-    let mut guard = model.lock().unwrap();
+    let mut guard = model
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let model: &mut dyn LanguageModel = &mut **guard;
     assert_eq!(model.max_context(), 32_768);
     model.reset();
@@ -326,4 +334,34 @@ fn tok_prefix(tok: &Tokenizer, text: &str, n: usize) -> Vec<u32> {
     assert!(ids.len() >= n, "{} tokens", ids.len());
     ids.truncate(n);
     ids
+}
+
+#[test]
+fn mean_log_likelihood_matches_llama_cpp() {
+    let Some(model) = model() else { return };
+    let mut guard = model
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let model: &mut dyn LanguageModel = &mut **guard;
+    common::check_loglik(model, fixture(), 0.01);
+}
+
+#[test]
+fn first_step_logits_are_close_to_llama_cpp() {
+    let Some(model) = model() else { return };
+    let mut guard = model
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let model: &mut dyn LanguageModel = &mut **guard;
+    common::check_first_logits(model, fixture(), 1.5);
+}
+
+#[test]
+fn batched_sequences_equal_sequences_alone() {
+    let Some(model) = model() else { return };
+    let guard = model
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let prompt = &fixture().greedy[0].prompt_ids;
+    common::check_batch_equals_alone(guard.as_ref(), prompt);
 }

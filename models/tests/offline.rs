@@ -615,7 +615,7 @@ fn unsupported_architecture_and_bad_shapes_are_errors() {
     // The header alone still reads: the registry can describe what it cannot run.
     assert_eq!(GgufFile::open(&path).unwrap().info.architecture, "mamba");
 
-    // head_count = 0 makes candle divide by zero while loading: caught, not a crash.
+    // head_count = 0 would make a pass divide by zero: refused at load, not a crash.
     let path = dir.path().join("zero_heads.gguf");
     write_tiny_gguf(
         &path,
@@ -627,7 +627,10 @@ fn unsupported_architecture_and_bad_shapes_are_errors() {
         None,
     );
     let err = load(&path).unwrap_err();
-    assert!(matches!(err, ModelError::Panicked { .. }), "{err:?}");
+    assert!(
+        matches!(&err, ModelError::Metadata { reason, .. } if reason.contains("inconsistent shape")),
+        "{err:?}"
+    );
 
     // Embedding rows that do not cover the vocabulary: refused at load.
     let path = dir.path().join("short_embd.gguf");
@@ -661,7 +664,10 @@ fn slow_formats_are_requantized_without_changing_the_model() {
             requantize_slow_formats,
             ..airlock_models::LoadOptions::default()
         };
-        let mut model = airlock_models::load_with(&path, &options).unwrap();
+        // candle's pass (GPU devices); the CPU decoder runs Q4_1 as stored.
+        let gguf = GgufFile::open(&path).unwrap();
+        let mut model: Box<dyn airlock_models::LanguageModel> =
+            Box::new(airlock_models::LlamaModel::load(gguf, &options).unwrap());
         let ids = model
             .tokenizer()
             .encode("hello world 42", EncodeOptions::PLAIN);

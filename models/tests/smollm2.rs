@@ -13,7 +13,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use airlock_models::{
-    load, load_with, ChatMessage, EncodeOptions, GgufFile, LanguageModel, LoadOptions,
+    load, ChatMessage, EncodeOptions, GgufFile, LanguageModel, LlamaModel, LoadOptions,
     StreamDecoder, Tokenizer,
 };
 
@@ -177,7 +177,9 @@ fn tokenizer_round_trips_a_varied_corpus() {
 
 #[test]
 fn chat_template_renders_chatml() {
-    let model = model().lock().unwrap();
+    let model = model()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let template = model.chat_template();
     let user = [ChatMessage::new("user", "What is the capital of France?")];
     assert_eq!(
@@ -233,7 +235,9 @@ fn chat_prompt(model: &dyn LanguageModel, question: &str) -> Vec<u32> {
 
 #[test]
 fn greedy_answer_is_coherent_english() {
-    let mut guard = model().lock().unwrap();
+    let mut guard = model()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let model: &mut dyn LanguageModel = &mut **guard;
     model.reset();
     let ids = chat_prompt(model, "What is the capital of France?");
@@ -283,7 +287,9 @@ fn greedy_answer_is_coherent_english() {
 
 #[test]
 fn model_knows_the_capital_of_france() {
-    let mut guard = model().lock().unwrap();
+    let mut guard = model()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let model: &mut dyn LanguageModel = &mut **guard;
     let tok = model.tokenizer();
     let paris = tok.encode(" Paris", EncodeOptions::PLAIN);
@@ -314,16 +320,14 @@ fn model_knows_the_capital_of_france() {
 
 #[test]
 fn requantizing_keeps_the_model() {
-    // Same question, weights as stored (Q4_1) vs requantized to Q8_0: the answer
-    // token after the teacher-forced prefix agrees.
-    let mut plain = load_with(
-        model_path(),
-        &LoadOptions {
-            requantize_slow_formats: false,
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
+    // candle's pass (GPU devices), weights as stored (Q4_1) instead of requantized
+    // to Q8_0: the answer token after the teacher-forced prefix agrees.
+    let options = LoadOptions {
+        requantize_slow_formats: false,
+        ..LoadOptions::default()
+    };
+    let gguf = GgufFile::open(&model_path()).unwrap();
+    let mut plain: Box<dyn LanguageModel> = Box::new(LlamaModel::load(gguf, &options).unwrap());
     let tok = plain.tokenizer();
     let mut ids = chat_prompt(&*plain, "What is the capital of France?");
     ids.extend(tok.encode("The capital of France is", EncodeOptions::PLAIN));
@@ -349,7 +353,9 @@ fn greedy_follows_llama_cpp() {
     let fixture = common::load_fixture("smollm2");
     // The fixture's prompts are SmolLM2's ChatML written out by hand: our template
     // must produce the same ids.
-    let mut guard = model().lock().unwrap();
+    let mut guard = model()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let model: &mut dyn LanguageModel = &mut **guard;
     for case in &fixture.greedy {
         let rendered = model
@@ -368,4 +374,31 @@ fn greedy_follows_llama_cpp() {
         "smollm2: {whole}/{} prompts exactly as llama.cpp",
         fixture.greedy.len()
     );
+}
+
+#[test]
+fn mean_log_likelihood_matches_llama_cpp() {
+    let mut guard = model()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let model: &mut dyn LanguageModel = &mut **guard;
+    common::check_loglik(model, &common::load_fixture("smollm2"), 0.01);
+}
+
+#[test]
+fn first_step_logits_are_close_to_llama_cpp() {
+    let mut guard = model()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let model: &mut dyn LanguageModel = &mut **guard;
+    common::check_first_logits(model, &common::load_fixture("smollm2"), 0.75);
+}
+
+#[test]
+fn batched_sequences_equal_sequences_alone() {
+    let guard = model()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let prompt = &common::load_fixture("smollm2").greedy[0].prompt_ids;
+    common::check_batch_equals_alone(guard.as_ref(), prompt);
 }

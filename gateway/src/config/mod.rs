@@ -584,7 +584,7 @@ fn local(raw: RawLocal, p: &mut Problems) -> LocalConfig {
         memory_budget,
         keep_alive,
         queue_capacity: positive(raw.queue_capacity, 16, "local.queue_capacity", p),
-        max_batch: positive(raw.max_batch, 4, "local.max_batch", p),
+        max_batch: positive(raw.max_batch, 8, "local.max_batch", p),
         preload,
         device,
         models,

@@ -14,6 +14,16 @@ use serde::Deserialize;
 pub struct Fixture {
     pub tokens: Vec<TokenCase>,
     pub greedy: Vec<GreedyCase>,
+    pub loglik: Loglik,
+}
+
+/// llama.cpp's log-probability of each token of a fixed text given the ones before.
+#[derive(Debug, Deserialize)]
+pub struct Loglik {
+    pub ids: Vec<u32>,
+    /// For `ids[1..]`.
+    pub logprobs: Vec<f64>,
+    pub mean: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +42,8 @@ pub struct GreedyCase {
     pub ids: Vec<u32>,
     /// llama.cpp's best-minus-second logit at each step.
     pub margins: Vec<f32>,
+    /// The 20 best `(id, logit)` of the first step.
+    pub top_logits: Vec<(u32, f32)>,
     pub text: String,
 }
 
@@ -145,4 +157,102 @@ pub fn check_greedy(
     );
     model.reset();
     whole
+}
+
+/// `log softmax(logits)[id]`, in `f64`.
+pub fn logprob(logits: &[f32], id: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits[id as usize] as f64 - max - sum.ln()
+}
+
+/// Our mean log-likelihood per token of the fixture's text (the text fed one token
+/// at a time), beside llama.cpp's; fails unless within `tolerance` (relative).
+pub fn check_loglik(model: &mut dyn LanguageModel, fixture: &Fixture, tolerance: f64) -> f64 {
+    let ids = &fixture.loglik.ids;
+    model.reset();
+    let mut logits = model.forward(&ids[..1], 0).unwrap();
+    let mut ours = Vec::with_capacity(ids.len() - 1);
+    for (i, &id) in ids.iter().enumerate().skip(1) {
+        ours.push(logprob(&logits, id));
+        if i + 1 < ids.len() {
+            logits = model.forward(&[id], i).unwrap();
+        }
+    }
+    model.reset();
+    let mean = ours.iter().sum::<f64>() / ours.len() as f64;
+    let theirs = fixture.loglik.mean;
+    let worst = ours
+        .iter()
+        .zip(&fixture.loglik.logprobs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let relative = ((mean - theirs) / theirs).abs();
+    eprintln!(
+        "mean log-likelihood ours {mean:.5}, llama.cpp {theirs:.5} ({:.3}% apart; worst token {worst:.4} nats)",
+        relative * 100.0
+    );
+    assert!(
+        relative <= tolerance,
+        "mean log-likelihood {mean} vs llama.cpp {theirs}: {:.3}% apart",
+        relative * 100.0
+    );
+    relative
+}
+
+/// The largest difference between our first-step logits and llama.cpp's 20 best,
+/// over every greedy prompt; fails above `tolerance`.
+pub fn check_first_logits(model: &mut dyn LanguageModel, fixture: &Fixture, tolerance: f32) -> f32 {
+    let mut worst = 0f32;
+    for case in &fixture.greedy {
+        model.reset();
+        let logits = model.forward(&case.prompt_ids, 0).unwrap();
+        for &(id, theirs) in &case.top_logits {
+            worst = worst.max((logits[id as usize] - theirs).abs());
+        }
+    }
+    model.reset();
+    eprintln!("first-step logits: at most {worst:.4} from llama.cpp's 20 best");
+    assert!(worst <= tolerance, "logits {worst} from llama.cpp's");
+    worst
+}
+
+/// Three sequences at different stages (a long prefill chunk, a short prompt, one
+/// decoding) run in one [`airlock_models::forward_batch`] give the logits each gives
+/// alone.
+pub fn check_batch_equals_alone(model: &dyn LanguageModel, prompt: &[u32]) {
+    let fork = || model.fork().expect("the model forks");
+    let (mut a, mut b, mut c) = (fork(), fork(), fork());
+    // c has already decoded a few tokens; a and b start now.
+    c.forward(&prompt[..5], 0).unwrap();
+    c.forward(&prompt[5..6], 5).unwrap();
+    let inputs: [&[u32]; 3] = [prompt, &prompt[..3], &prompt[6..7]];
+    let alone: Vec<Vec<f32>> = {
+        let (mut a2, mut b2, mut c2) = (fork(), fork(), fork());
+        c2.forward(&prompt[..6], 0).unwrap();
+        vec![
+            a2.forward(inputs[0], 0).unwrap(),
+            b2.forward(inputs[1], 0).unwrap(),
+            c2.forward(inputs[2], 6).unwrap(),
+        ]
+    };
+    let mut models: Vec<&mut (dyn LanguageModel + 'static)> =
+        vec![a.as_mut(), b.as_mut(), c.as_mut()];
+    let together = airlock_models::forward_batch(&mut models, &inputs);
+    for (i, (t, alone)) in together.into_iter().zip(&alone).enumerate() {
+        let t = t.unwrap();
+        let worst = t
+            .iter()
+            .zip(alone)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-3,
+            "sequence {i}: batched logits {worst} from alone"
+        );
+        assert_eq!(argmax(&t), argmax(alone));
+    }
+    assert_eq!(a.cached_tokens(), prompt.len());
+    assert_eq!(b.cached_tokens(), 3);
+    assert_eq!(c.cached_tokens(), 7);
 }

@@ -1,0 +1,639 @@
+//! Our own forward pass for decoder-only GGUF models: llama (Llama, Mistral,
+//! SmolLM), qwen2, qwen3 and gemma3, over several sequences at once.
+//!
+//! Owns the weights ([`Weights`], shared by every handle through an `Arc`), one KV
+//! cache per handle ([`DecoderModel`]), and [`forward_batch`]: one pass over the new
+//! tokens of several sequences, each at its own position with its own cache, where
+//! every weight matrix is multiplied once for all their rows
+//! ([`crate::kernels::QWeight::matmul`]). Per layer, as llama.cpp builds the graph:
+//! RMS norm; Q, K, V projections (+ biases for qwen2; per-head RMS norms for qwen3
+//! and gemma3); rotary embeddings (adjacent pairs for llama, halves otherwise); the
+//! new keys and values appended to each sequence's cache (rounded to half precision
+//! unless [`KvCachePrecision::F32`]);
+//! attention of each row over its own sequence's positions up to its own (within the
+//! window on Gemma's sliding layers); output projection (+ post-norm on gemma3);
+//! residual; the same around a SiLU- (GELU- for gemma3) gated MLP. The numerics of
+//! each step follow ggml's CPU code ([`ops`]).
+//!
+//! Invariants:
+//! - a handle's cache holds exactly [`crate::LanguageModel::cached_tokens`] positions
+//!   (its [`Sequence`] counts them); a pass starts at that position;
+//! - a batch runs only handles of the same weights; each row attends only to its own
+//!   sequence, so a sequence's logits do not depend on what runs beside it (up to
+//!   float summation order inside the matmul, which is row-independent);
+//! - a failed or panicking pass poisons every handle in it until `reset`;
+//! - the usable context is the file's `context_length` (capped at
+//!   [`MAX_CONTEXT`]).
+
+mod config;
+pub mod ops;
+
+use std::any::Any;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::Device;
+use rayon::prelude::*;
+
+pub use config::{Activation, Arch, Config, RopeLayout};
+
+use crate::error::{catch_panic, ModelError};
+use crate::family::{header_parts, Sequence};
+use crate::gguf::{GgufFile, ModelInfo};
+use crate::kernels::QWeight;
+use crate::template::{ChatTemplate, CHATML_TEMPLATE, GEMMA_TEMPLATE};
+use crate::tokenizer::Tokenizer;
+use crate::{KvCachePrecision, LanguageModel, LoadOptions};
+
+use ops::RopeTable;
+
+/// The most positions a sequence may use, whatever the file says (bounds the KV
+/// cache a request can grow).
+pub const MAX_CONTEXT: usize = 32_768;
+
+/// Attention work (query heads x visible keys, summed over rows) above which a pass
+/// spreads attention over threads.
+const PARALLEL_ATTENTION_WORK: usize = 16_384;
+
+/// One transformer block's weights.
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QWeight,
+    wk: QWeight,
+    wv: QWeight,
+    wo: QWeight,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    gate: QWeight,
+    up: QWeight,
+    down: QWeight,
+    post_ffn_norm: Option<Vec<f32>>,
+    /// The sliding window, or `None` on layers that attend to every position.
+    window: Option<usize>,
+}
+
+/// Everything read-only about a model: shared by all its handles.
+pub struct Weights {
+    config: Config,
+    embedding: QWeight,
+    /// `None` when the output projection is tied to the embedding.
+    output: Option<QWeight>,
+    output_norm: Vec<f32>,
+    layers: Vec<Layer>,
+    /// Per-dimension rotary frequency factors (`rope_freqs.weight`, Llama 3).
+    rope_freqs: Option<Vec<f32>>,
+    vocab: usize,
+    kv: KvCachePrecision,
+}
+
+/// Keys and values of one layer, `kv_width` values per position, already rounded to
+/// half precision.
+#[derive(Clone, Default)]
+struct LayerCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// A decoder-only GGUF model: shared weights and this handle's KV cache.
+#[derive(Clone)]
+pub struct DecoderModel {
+    weights: Arc<Weights>,
+    cache: Vec<LayerCache>,
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
+    sequence: Sequence,
+}
+
+impl std::fmt::Debug for DecoderModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecoderModel")
+            .field("config", &self.weights.config)
+            .field("sequence", &self.sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DecoderModel {
+    /// Whether `general.architecture` is one this decoder runs.
+    pub fn supports(architecture: &str) -> bool {
+        Arch::from_name(architecture).is_some()
+    }
+
+    /// Builds the tokenizer and template from the header, then loads the weights.
+    pub fn load(gguf: GgufFile, options: &LoadOptions) -> Result<Self, ModelError> {
+        let GgufFile {
+            path,
+            content,
+            info,
+        } = gguf;
+        let arch = Arch::from_name(&info.architecture)
+            .ok_or_else(|| ModelError::UnsupportedArchitecture(info.architecture.clone()))?;
+        if options.device.candle()?.is_cuda() {
+            return Err(ModelError::Device(
+                "the GGUF decoder runs on the CPU only".to_string(),
+            ));
+        }
+        let fallback = match arch {
+            Arch::Gemma3 => GEMMA_TEMPLATE,
+            _ => CHATML_TEMPLATE,
+        };
+        let (tokenizer, template) = header_parts(&path, &content, &info, fallback)?;
+        let config = Config::from_metadata(arch, &content.metadata)?;
+        let max_context = config
+            .context_length
+            .or(info.context_length)
+            .unwrap_or(4096)
+            .clamp(1, MAX_CONTEXT);
+        let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+        let mut reader = BufReader::new(file);
+        let weights = catch_panic("loading weights", || {
+            Weights::load(&path, &content, &mut reader, config, options.kv_cache)
+        })?;
+        if weights.vocab < info.vocab_size {
+            return Err(ModelError::InvalidGguf {
+                path,
+                reason: format!(
+                    "the output projection has {} rows for a vocabulary of {}",
+                    weights.vocab, info.vocab_size
+                ),
+            });
+        }
+        let n_layer = weights.layers.len();
+        Ok(Self {
+            weights: Arc::new(weights),
+            cache: vec![LayerCache::default(); n_layer],
+            sequence: Sequence::new(max_context, info.vocab_size),
+            info,
+            tokenizer: Arc::new(tokenizer),
+            template: Arc::new(template),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.weights.config
+    }
+}
+
+impl LanguageModel for DecoderModel {
+    crate::family::model_accessors!();
+
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
+        let (weights, cache) = (&self.weights, &mut self.cache);
+        self.sequence.forward(tokens, pos, || {
+            let mut seqs = [SeqInput { cache, tokens, pos }];
+            let mut logits = weights
+                .forward(&mut seqs)
+                .map_err(candle_core::Error::Msg)?;
+            Ok(logits.pop().unwrap_or_default())
+        })
+    }
+
+    fn reset(&mut self) {
+        for layer in &mut self.cache {
+            layer.k.clear();
+            layer.v.clear();
+        }
+        self.sequence.reset();
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut (dyn Any + 'static)> {
+        Some(self)
+    }
+
+    fn batch_group(&self) -> Option<usize> {
+        Some(Arc::as_ptr(&self.weights) as usize)
+    }
+}
+
+/// Runs one pass over several handles of the same weights (see
+/// [`crate::forward_batch`]); `None` when they are not all [`DecoderModel`]s of one
+/// model.
+pub(crate) fn forward_batch(
+    models: &mut [&mut (dyn LanguageModel + 'static)],
+    tokens: &[&[u32]],
+) -> Option<Vec<Result<Vec<f32>, ModelError>>> {
+    let mut decoders: Vec<&mut DecoderModel> = Vec::with_capacity(models.len());
+    for model in models.iter_mut() {
+        decoders.push(model.as_any_mut()?.downcast_mut::<DecoderModel>()?);
+    }
+    let weights = Arc::clone(&decoders.first()?.weights);
+    if !decoders.iter().all(|d| Arc::ptr_eq(&d.weights, &weights)) {
+        return None;
+    }
+    // Handles whose call is invalid get their error; the rest run together.
+    let mut results: Vec<Option<Result<Vec<f32>, ModelError>>> = Vec::new();
+    let mut runnable = Vec::new();
+    for (i, (d, t)) in decoders.iter_mut().zip(tokens).enumerate() {
+        let pos = d.sequence.cached();
+        match d.sequence.check(t, pos) {
+            Ok(()) => {
+                results.push(None);
+                runnable.push(i);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let mut seqs: Vec<SeqInput<'_>> = Vec::with_capacity(runnable.len());
+    let mut sequences: Vec<&mut Sequence> = Vec::with_capacity(runnable.len());
+    for (i, d) in decoders.into_iter().enumerate() {
+        if runnable.contains(&i) {
+            let pos = d.sequence.cached();
+            seqs.push(SeqInput {
+                cache: &mut d.cache,
+                tokens: tokens[i],
+                pos,
+            });
+            sequences.push(&mut d.sequence);
+        }
+    }
+    if !seqs.is_empty() {
+        let outcome = catch_panic("running a batched forward pass", || {
+            weights.forward(&mut seqs).map_err(ModelError::Forward)
+        });
+        match outcome {
+            Ok(logits) => {
+                for ((&i, seq), l) in runnable.iter().zip(sequences).zip(logits) {
+                    seq.advance(tokens[i].len());
+                    results[i] = Some(Ok(l));
+                }
+            }
+            Err(e) => {
+                for (&i, seq) in runnable.iter().zip(sequences) {
+                    seq.poison();
+                    results[i] = Some(Err(ModelError::Forward(e.to_string())));
+                }
+            }
+        }
+    }
+    Some(
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ModelError::Forward("not run".to_string()))))
+            .collect(),
+    )
+}
+
+/// One sequence's part of a pass.
+struct SeqInput<'a> {
+    cache: &'a mut Vec<LayerCache>,
+    tokens: &'a [u32],
+    pos: usize,
+}
+
+/// Scratch buffers of one pass, `rows` rows each.
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Weights {
+    fn load<R: Read + Seek>(
+        path: &Path,
+        content: &Content,
+        reader: &mut R,
+        config: Config,
+        kv: KvCachePrecision,
+    ) -> Result<Weights, ModelError> {
+        let mut t = Tensors {
+            path,
+            content,
+            reader,
+        };
+        let c = &config;
+        let (e, qw, kvw, hd) = (c.n_embd, c.q_width(), c.kv_width(), c.head_dim);
+        let embedding = t.matrix("token_embd.weight", None, e)?;
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => Some(t.matrix("output.weight", None, e)?),
+            false => None,
+        };
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let name = |t: &str| format!("blk.{i}.{t}");
+            let gate = t.matrix(&name("ffn_gate.weight"), None, e)?;
+            let n_ff = gate.rows();
+            let optional = |t: &mut Tensors<'_, R>, on: bool, n: &str, len: usize| match on {
+                true => t.vector(&name(n), len).map(Some),
+                false => Ok(None),
+            };
+            let (qwen2, normed, gemma) = (
+                c.arch == Arch::Qwen2,
+                matches!(c.arch, Arch::Qwen3 | Arch::Gemma3),
+                c.arch == Arch::Gemma3,
+            );
+            layers.push(Layer {
+                attn_norm: t.vector(&name("attn_norm.weight"), e)?,
+                wq: t.matrix(&name("attn_q.weight"), Some(qw), e)?,
+                wk: t.matrix(&name("attn_k.weight"), Some(kvw), e)?,
+                wv: t.matrix(&name("attn_v.weight"), Some(kvw), e)?,
+                wo: t.matrix(&name("attn_output.weight"), Some(e), qw)?,
+                bq: optional(&mut t, qwen2, "attn_q.bias", qw)?,
+                bk: optional(&mut t, qwen2, "attn_k.bias", kvw)?,
+                bv: optional(&mut t, qwen2, "attn_v.bias", kvw)?,
+                q_norm: optional(&mut t, normed, "attn_q_norm.weight", hd)?,
+                k_norm: optional(&mut t, normed, "attn_k_norm.weight", hd)?,
+                post_attn_norm: optional(&mut t, gemma, "post_attention_norm.weight", e)?,
+                ffn_norm: t.vector(&name("ffn_norm.weight"), e)?,
+                up: t.matrix(&name("ffn_up.weight"), Some(n_ff), e)?,
+                down: t.matrix(&name("ffn_down.weight"), Some(e), n_ff)?,
+                gate,
+                post_ffn_norm: optional(&mut t, gemma, "post_ffw_norm.weight", e)?,
+                window: c.sliding.filter(|s| !s.is_global(i)).map(|s| s.window),
+            });
+        }
+        let output_norm = t.vector("output_norm.weight", e)?;
+        let rope_freqs = match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => Some(t.vector("rope_freqs.weight", hd / 2)?),
+            false => None,
+        };
+        let vocab = output.as_ref().unwrap_or(&embedding).rows();
+        Ok(Weights {
+            config,
+            embedding,
+            output,
+            output_norm,
+            layers,
+            rope_freqs,
+            vocab,
+            kv,
+        })
+    }
+
+    /// Logits of the last token of each sequence, after appending all their tokens
+    /// to their caches. Callers have checked positions, lengths and token ids.
+    fn forward(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>, String> {
+        let c = &self.config;
+        let (e, qw, kvw, hd) = (c.n_embd, c.q_width(), c.kv_width(), c.head_dim);
+        // Row r belongs to sequence rows_seq[r] at position rows_pos[r].
+        let mut rows_seq = Vec::new();
+        let mut rows_pos = Vec::new();
+        for (s, seq) in seqs.iter().enumerate() {
+            for i in 0..seq.tokens.len() {
+                rows_seq.push(s);
+                rows_pos.push(seq.pos + i);
+            }
+        }
+        let m = rows_seq.len();
+        let n_ff = self.layers.first().map_or(0, |l| l.gate.rows());
+        let mut s = Scratch {
+            x: vec![0.0; m * e],
+            h: vec![0.0; m * e],
+            q: vec![0.0; m * qw],
+            k: vec![0.0; m * kvw],
+            v: vec![0.0; m * kvw],
+            att: vec![0.0; m * qw],
+            o: vec![0.0; m * e],
+            gate: vec![0.0; m * n_ff],
+            up: vec![0.0; m * n_ff],
+        };
+        let tokens = seqs.iter().flat_map(|q| q.tokens.iter().copied());
+        for (row, token) in s.x.chunks_exact_mut(e).zip(tokens) {
+            self.embedding.dequantize_row(token as usize, row);
+            if let Some(scale) = c.embed_scale {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        let global_rope = self.rope_table(&rows_pos, c.rope_base, c.rope_freq_scale);
+        let local_rope = c
+            .sliding
+            .map(|sl| RopeTable::new(&rows_pos, hd, sl.rope_base, 1.0));
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            for (x, h) in s.x.chunks_exact(e).zip(s.h.chunks_exact_mut(e)) {
+                ops::rms_norm(x, &layer.attn_norm, c.eps, h);
+            }
+            layer.wq.matmul(&s.h, m, &mut s.q);
+            layer.wk.matmul(&s.h, m, &mut s.k);
+            layer.wv.matmul(&s.h, m, &mut s.v);
+            add_bias(&mut s.q, layer.bq.as_deref());
+            add_bias(&mut s.k, layer.bk.as_deref());
+            add_bias(&mut s.v, layer.bv.as_deref());
+            if let Some(w) = &layer.q_norm {
+                s.q.chunks_exact_mut(hd)
+                    .for_each(|head| ops::rms_norm_in_place(head, w, c.eps));
+            }
+            if let Some(w) = &layer.k_norm {
+                s.k.chunks_exact_mut(hd)
+                    .for_each(|head| ops::rms_norm_in_place(head, w, c.eps));
+            }
+            let rope = match (layer.window, &local_rope) {
+                (Some(_), Some(local)) => local,
+                _ => &global_rope,
+            };
+            for r in 0..m {
+                rope.apply(c.rope, r, &mut s.q[r * qw..(r + 1) * qw], hd);
+                rope.apply(c.rope, r, &mut s.k[r * kvw..(r + 1) * kvw], hd);
+            }
+            if let Some(scale) = c.q_scale {
+                s.q.iter_mut().for_each(|v| *v *= scale);
+            }
+            // Append the new keys and values (half precision, like an F16 cache).
+            let mut r = 0;
+            for seq in seqs.iter_mut() {
+                let lc = &mut seq.cache[li];
+                let n = seq.tokens.len();
+                lc.k.truncate(seq.pos * kvw);
+                lc.v.truncate(seq.pos * kvw);
+                lc.k.extend(s.k[r * kvw..(r + n) * kvw].iter().map(|&v| self.store(v)));
+                lc.v.extend(s.v[r * kvw..(r + n) * kvw].iter().map(|&v| self.store(v)));
+                r += n;
+            }
+            self.attention(li, seqs, &rows_seq, &rows_pos, &s.q, &mut s.att);
+            layer.wo.matmul(&s.att, m, &mut s.o);
+            if let Some(w) = &layer.post_attn_norm {
+                s.o.chunks_exact_mut(e)
+                    .for_each(|row| ops::rms_norm_in_place(row, w, c.eps));
+            }
+            s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
+
+            for (x, h) in s.x.chunks_exact(e).zip(s.h.chunks_exact_mut(e)) {
+                ops::rms_norm(x, &layer.ffn_norm, c.eps, h);
+            }
+            layer.gate.matmul(&s.h, m, &mut s.gate);
+            layer.up.matmul(&s.h, m, &mut s.up);
+            match c.activation {
+                Activation::Silu => ops::swiglu(&mut s.gate, &s.up),
+                Activation::GeluTanh => ops::geglu(&mut s.gate, &s.up),
+            }
+            layer.down.matmul(&s.gate, m, &mut s.o);
+            if let Some(w) = &layer.post_ffn_norm {
+                s.o.chunks_exact_mut(e)
+                    .for_each(|row| ops::rms_norm_in_place(row, w, c.eps));
+            }
+            s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
+        }
+
+        // The last row of each sequence: final norm, then the output projection.
+        let mut last = Vec::with_capacity(seqs.len() * e);
+        let mut end = 0;
+        for seq in seqs.iter() {
+            end += seq.tokens.len();
+            let row = &s.x[(end - 1) * e..end * e];
+            let start = last.len();
+            last.resize(start + e, 0.0);
+            ops::rms_norm(row, &self.output_norm, c.eps, &mut last[start..]);
+        }
+        let output = self.output.as_ref().unwrap_or(&self.embedding);
+        let vocab = output.rows();
+        let mut logits = vec![0.0; seqs.len() * vocab];
+        output.matmul(&last, seqs.len(), &mut logits);
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// A value as the KV cache keeps it.
+    fn store(&self, v: f32) -> f32 {
+        match self.kv {
+            KvCachePrecision::F16 => ops::round_f16(v),
+            KvCachePrecision::F32 => v,
+        }
+    }
+
+    fn rope_table(&self, positions: &[usize], base: f32, freq_scale: f32) -> RopeTable {
+        let hd = self.config.head_dim;
+        match &self.rope_freqs {
+            None => RopeTable::new(positions, hd, base, freq_scale),
+            Some(factors) => RopeTable::with_factors(positions, hd, base, freq_scale, factors),
+        }
+    }
+
+    /// Attention of every row over its own sequence's cache, into `att`.
+    fn attention(
+        &self,
+        li: usize,
+        seqs: &[SeqInput<'_>],
+        rows_seq: &[usize],
+        rows_pos: &[usize],
+        q: &[f32],
+        att: &mut [f32],
+    ) {
+        let c = &self.config;
+        let layer = &self.layers[li];
+        let (qw, kvw, hd, group) = (c.q_width(), c.kv_width(), c.head_dim, c.group());
+        let first_visible = |p: usize| match layer.window {
+            Some(w) => (p + 1).saturating_sub(w),
+            None => 0,
+        };
+        let row = |r: usize, out: &mut [f32], scores: &mut Vec<f32>, q16: &mut [f32]| {
+            let p = rows_pos[r];
+            let lo = first_visible(p);
+            let n = p + 1 - lo;
+            let cache = &seqs[rows_seq[r]].cache[li];
+            scores.resize(n, 0.0);
+            let keys = &cache.k[lo * kvw..(p + 1) * kvw];
+            let values = &cache.v[lo * kvw..(p + 1) * kvw];
+            for h in 0..c.n_head {
+                let offset = (h / group) * hd;
+                ops::attend(
+                    &q[r * qw + h * hd..r * qw + (h + 1) * hd],
+                    keys,
+                    values,
+                    kvw,
+                    offset,
+                    n,
+                    c.kq_scale,
+                    self.kv == KvCachePrecision::F16,
+                    scores,
+                    q16,
+                    &mut out[h * hd..(h + 1) * hd],
+                );
+            }
+        };
+        let work: usize = rows_pos
+            .iter()
+            .map(|&p| (p + 1 - first_visible(p)) * c.n_head)
+            .sum();
+        if work >= PARALLEL_ATTENTION_WORK && rows_pos.len() > 1 {
+            att.par_chunks_exact_mut(qw).enumerate().for_each_init(
+                || (Vec::new(), vec![0.0; hd]),
+                |(scores, q16), (r, out)| row(r, out, scores, q16),
+            );
+        } else {
+            let (mut scores, mut q16) = (Vec::new(), vec![0.0; hd]);
+            for (r, out) in att.chunks_exact_mut(qw).enumerate() {
+                row(r, out, &mut scores, &mut q16);
+            }
+        }
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    }
+}
+
+/// Reads named tensors of a GGUF file, checking their shapes.
+struct Tensors<'a, R> {
+    path: &'a Path,
+    content: &'a Content,
+    reader: &'a mut R,
+}
+
+impl<R: Read + Seek> Tensors<'_, R> {
+    fn invalid(&self, name: &str, reason: impl std::fmt::Display) -> ModelError {
+        ModelError::InvalidGguf {
+            path: self.path.to_path_buf(),
+            reason: format!("{name}: {reason}"),
+        }
+    }
+
+    fn read(&mut self, name: &str) -> Result<candle_core::quantized::QTensor, ModelError> {
+        self.content
+            .tensor(self.reader, name, &Device::Cpu)
+            .map_err(|e| self.invalid(name, e))
+    }
+
+    /// A weight matrix of `cols` input features (and `rows` outputs when given).
+    fn matrix(
+        &mut self,
+        name: &str,
+        rows: Option<usize>,
+        cols: usize,
+    ) -> Result<QWeight, ModelError> {
+        let t = self.read(name)?;
+        let w = QWeight::from_qtensor(&t).map_err(|e| self.invalid(name, e))?;
+        if rows.is_some_and(|r| r != w.rows()) || w.cols() != cols {
+            return Err(self.invalid(
+                name,
+                format!(
+                    "{}x{}, expected {}x{cols}",
+                    w.rows(),
+                    w.cols(),
+                    rows.unwrap_or(w.rows())
+                ),
+            ));
+        }
+        Ok(w)
+    }
+
+    /// A 1-D tensor of `len` values (norm weights, biases), as `f32`.
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let t = self.read(name)?;
+        let values: Vec<f32> = t
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| self.invalid(name, e))?;
+        if values.len() != len {
+            return Err(self.invalid(name, format!("{} values, expected {len}", values.len())));
+        }
+        Ok(values)
+    }
+}
