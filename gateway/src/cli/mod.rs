@@ -421,10 +421,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_logging(cfg.server.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -432,6 +429,18 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(run(cfg))
+}
+
+/// The server's runtime: one thread when the process may use one CPU (e.g. pinned with
+/// `taskset`), where a multi-threaded scheduler would only add cross-thread wake-ups;
+/// otherwise one worker per CPU.
+fn runtime_builder() -> tokio::runtime::Builder {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
 }
 
 async fn run(cfg: Config) -> ExitCode {
