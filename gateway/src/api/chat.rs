@@ -1,6 +1,10 @@
 //! `POST /v1/chat/completions`: validate, route, call with failover, answer as JSON or SSE.
+//!
+//! Answers from OpenAI-compatible upstreams are forwarded as their own bytes (checked,
+//! usage read: [`crate::providers::raw`]); other providers' are serialized from typed values.
 
 use axum::extract::State;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
@@ -12,7 +16,7 @@ use super::types::ChatCompletionRequest;
 use super::{respond, validate};
 use crate::error::ApiError;
 use crate::governance::model::Principal;
-use crate::providers::ProviderApi;
+use crate::providers::{ChatAnswer, ProviderApi};
 use crate::routing::catalog::estimate_chat_tokens;
 use crate::routing::execute::{self, RequestFacts};
 use crate::state::AppState;
@@ -50,7 +54,7 @@ async fn handle(call: &mut Call, req: ChatCompletionRequest) -> Result<respond::
     let routes = &state.routes;
     if req.is_stream() {
         let served = execute::stream(routes, &route, &facts, |t| async move {
-            t.provider.chat_stream(req, &t.target.model).await
+            t.provider.chat_chunks(req, &t.target.model).await
         })
         .await?;
         let labels = StreamLabels {
@@ -72,10 +76,11 @@ async fn handle(call: &mut Call, req: ChatCompletionRequest) -> Result<respond::
         Ok(out)
     } else {
         let served = execute::unary(routes, &route, &facts, |t| async move {
-            t.provider.chat(req, &t.target.model).await
+            t.provider.chat_answer(req, &t.target.model).await
         })
         .await?;
-        if let Some(u) = &served.value.usage {
+        let usage = served.value.usage().cloned();
+        if let Some(u) = &usage {
             state.metrics.tokens(
                 &route.name,
                 &served.by.target.label,
@@ -83,11 +88,18 @@ async fn handle(call: &mut Call, req: ChatCompletionRequest) -> Result<respond::
                 u.completion_tokens,
             );
         }
-        let resp = Json(&served.value).into_response();
-        Ok(respond::Served::json(
-            resp,
-            served.by,
-            served.value.usage.clone(),
-        ))
+        let resp = match served.value {
+            ChatAnswer::Typed(answer) => Json(&answer).into_response(),
+            // The upstream's own JSON, forwarded as it came.
+            ChatAnswer::Raw(raw) => (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                raw.body,
+            )
+                .into_response(),
+        };
+        Ok(respond::Served::json(resp, served.by, usage))
     }
 }

@@ -18,30 +18,39 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::types::{ChatCompletionChunk, CompletionResponse, Usage};
+use super::types::{CompletionResponse, Usage};
 use crate::error::ApiError;
 use crate::governance::policy::{Admission, Outcome};
-use crate::providers::UpstreamError;
+use crate::providers::{ChatChunk, UpstreamError};
 use crate::routing::ServedBy;
 use crate::state::AppState;
 
 /// What the SSE writer needs to know about a streamed item.
-pub trait StreamItem: Serialize + Send + 'static {
+pub trait StreamItem: Send + 'static {
     fn usage(&self) -> Option<&Usage>;
     /// True for the final chunk that carries only usage.
     fn is_usage_only(&self) -> bool;
     fn strip_usage(&mut self);
+    /// The item as one SSE event (`data: <json>\n\n`).
+    fn event(&self) -> Bytes;
 }
 
-impl StreamItem for ChatCompletionChunk {
+impl StreamItem for ChatChunk {
     fn usage(&self) -> Option<&Usage> {
-        self.usage.as_ref()
+        ChatChunk::usage(self)
     }
     fn is_usage_only(&self) -> bool {
-        self.choices.is_empty() && self.usage.is_some()
+        ChatChunk::is_usage_only(self)
     }
     fn strip_usage(&mut self) {
-        self.usage = None;
+        ChatChunk::strip_usage(self);
+    }
+    fn event(&self) -> Bytes {
+        match self {
+            ChatChunk::Typed(c) => event(c),
+            // The upstream's own JSON, framed as it came.
+            ChatChunk::Raw(c) => frame(&c.json),
+        }
     }
 }
 
@@ -54,6 +63,9 @@ impl StreamItem for CompletionResponse {
     }
     fn strip_usage(&mut self) {
         self.usage = None;
+    }
+    fn event(&self) -> Bytes {
+        event(self)
     }
 }
 
@@ -131,11 +143,10 @@ pub struct StreamLabels {
 }
 
 fn event<T: Serialize>(item: &T) -> Bytes {
-    match serde_json::to_vec(item) {
-        Ok(json) => {
-            let mut buf = Vec::with_capacity(json.len() + 8);
-            buf.extend_from_slice(b"data: ");
-            buf.extend_from_slice(&json);
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(b"data: ");
+    match serde_json::to_writer(&mut buf, item) {
+        Ok(()) => {
             buf.extend_from_slice(b"\n\n");
             Bytes::from(buf)
         }
@@ -144,6 +155,15 @@ fn event<T: Serialize>(item: &T) -> Bytes {
             event(&err.body())
         }
     }
+}
+
+/// `data: <json>\n\n` around JSON that is already serialized.
+fn frame(json: &[u8]) -> Bytes {
+    let mut buf = Vec::with_capacity(json.len() + 8);
+    buf.extend_from_slice(b"data: ");
+    buf.extend_from_slice(json);
+    buf.extend_from_slice(b"\n\n");
+    Bytes::from(buf)
 }
 
 /// Turns a provider stream into an SSE response body.
@@ -179,7 +199,7 @@ pub fn respond<T: StreamItem>(
                         }
                         chunk.strip_usage();
                     }
-                    yield Ok::<Bytes, std::convert::Infallible>(event(&chunk));
+                    yield Ok::<Bytes, std::convert::Infallible>(chunk.event());
                 }
                 Err(e) => {
                     let err = ApiError::Upstream(e);

@@ -894,7 +894,7 @@ impl AnthropicProvider {
     /// `POST /messages` with the key and version headers. A configured
     /// `anthropic-version` header (already in `up.headers`) wins over the default.
     fn request(&self, body: &MessagesRequest) -> reqwest::RequestBuilder {
-        let mut rb = self.up.post(&self.up.url("/messages")).json(body);
+        let mut rb = self.up.post(self.up.url("/messages")).json(body);
         if let Some(key) = &self.up.api_key {
             rb = rb.header("x-api-key", key);
         }

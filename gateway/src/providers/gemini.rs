@@ -922,7 +922,7 @@ impl GeminiProvider {
         body: &T,
     ) -> reqwest::RequestBuilder {
         let url = self.up.url(&format!("/{}:{method}", resource_name(model)));
-        let rb = self.up.post(&url).json(body);
+        let rb = self.up.post(url).json(body);
         match &self.up.api_key {
             Some(key) => rb.header("x-goog-api-key", key),
             None => rb,

@@ -87,7 +87,7 @@ impl UpstreamSettings {
     }
 
     /// A POST with the configured extra headers and the total deadline applied.
-    pub fn post(&self, url: &str) -> reqwest::RequestBuilder {
+    pub fn post(&self, url: impl reqwest::IntoUrl) -> reqwest::RequestBuilder {
         self.client
             .post(url)
             .headers(self.headers.clone())
@@ -122,9 +122,14 @@ impl UpstreamSettings {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, UpstreamError> {
-        let resp = self.send(req).await?;
-        let bytes = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
+        let bytes = self.call_bytes(req).await?;
         self.parse(&bytes)
+    }
+
+    /// Sends and reads the whole body of a successful answer.
+    pub async fn call_bytes(&self, req: reqwest::RequestBuilder) -> Result<Bytes, UpstreamError> {
+        let resp = self.send(req).await?;
+        resp.bytes().await.map_err(|e| self.transport_error(&e))
     }
 
     /// Parses a provider's JSON body, naming the path of the first bad field.

@@ -12,27 +12,36 @@
 //! - A stream that ends cleanly yields a final usage chunk (empty `choices`, `usage` set)
 //!   whenever the provider reported usage; the API layer decides whether the client
 //!   sees it.
+//! - Chat answers and chunks reach the chat route either typed or, from upstreams that
+//!   already speak the client's format (OpenAI-compatible), as the upstream's own bytes
+//!   checked for shape with their usage read ([`raw`]); the other routes get typed values.
 
 pub mod anthropic;
 pub mod gemini;
 pub mod http;
 pub mod local;
 pub mod openai;
+pub mod raw;
 
 use std::future::Future;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures::stream::BoxStream;
+use futures::StreamExt;
 
 use crate::api::types::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
     CompletionResponse, EmbeddingRequest, EmbeddingResponse,
 };
 use crate::config::{ProviderConfig, ProviderKind};
+pub use raw::{ChatAnswer, ChatChunk};
 
 /// A stream of OpenAI chunks translated from a provider's stream.
 pub type ChunkStream = BoxStream<'static, Result<ChatCompletionChunk, UpstreamError>>;
+
+/// A stream of chat chunks for the chat route: typed, or as the upstream sent them.
+pub type ChatChunkStream = BoxStream<'static, Result<ChatChunk, UpstreamError>>;
 
 /// A stream of legacy completion chunks (`text_completion` objects).
 pub type CompletionStream = BoxStream<'static, Result<CompletionResponse, UpstreamError>>;
@@ -226,6 +235,35 @@ pub trait ProviderApi {
         model: &str,
     ) -> impl Future<Output = Result<ChunkStream, UpstreamError>> + Send;
 
+    /// [`ProviderApi::chat`] for the chat route: adapters whose upstream answers in the
+    /// client's format already may hand its bytes over instead ([`ChatAnswer::Raw`]).
+    fn chat_answer(
+        &self,
+        req: &ChatCompletionRequest,
+        model: &str,
+    ) -> impl Future<Output = Result<ChatAnswer, UpstreamError>> + Send
+    where
+        Self: Sync,
+    {
+        async move { self.chat(req, model).await.map(ChatAnswer::Typed) }
+    }
+
+    /// [`ProviderApi::chat_stream`] for the chat route, with the same choice as
+    /// [`ProviderApi::chat_answer`] for each chunk.
+    fn chat_chunks(
+        &self,
+        req: &ChatCompletionRequest,
+        model: &str,
+    ) -> impl Future<Output = Result<ChatChunkStream, UpstreamError>> + Send
+    where
+        Self: Sync,
+    {
+        async move {
+            let s = self.chat_stream(req, model).await?;
+            Ok(s.map(|r| r.map(ChatChunk::Typed)).boxed())
+        }
+    }
+
     fn completion(
         &self,
         req: &CompletionRequest,
@@ -299,6 +337,22 @@ impl ProviderApi for Provider {
         model: &str,
     ) -> Result<ChunkStream, UpstreamError> {
         dispatch!(self, p => p.chat_stream(req, model).await)
+    }
+
+    async fn chat_answer(
+        &self,
+        req: &ChatCompletionRequest,
+        model: &str,
+    ) -> Result<ChatAnswer, UpstreamError> {
+        dispatch!(self, p => p.chat_answer(req, model).await)
+    }
+
+    async fn chat_chunks(
+        &self,
+        req: &ChatCompletionRequest,
+        model: &str,
+    ) -> Result<ChatChunkStream, UpstreamError> {
+        dispatch!(self, p => p.chat_chunks(req, model).await)
     }
 
     async fn completion(

@@ -28,7 +28,7 @@ use crate::api::types::{
     ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, EmbeddingResponse,
 };
 use crate::error::{ApiError, RouteFailure};
-use crate::providers::{UpstreamError, UpstreamErrorKind};
+use crate::providers::{ChatAnswer, ChatChunk, UpstreamError, UpstreamErrorKind};
 
 /// What routing needs to know about the request itself.
 #[derive(Debug, Clone, Default)]
@@ -100,6 +100,18 @@ impl TokenCount for CompletionResponse {
 impl TokenCount for EmbeddingResponse {
     fn tokens(&self) -> Option<u64> {
         Some(self.usage.total_tokens)
+    }
+}
+
+impl TokenCount for ChatChunk {
+    fn tokens(&self) -> Option<u64> {
+        self.total_tokens()
+    }
+}
+
+impl TokenCount for ChatAnswer {
+    fn tokens(&self) -> Option<u64> {
+        self.usage().map(|u| u.total_tokens)
     }
 }
 
