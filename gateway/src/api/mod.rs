@@ -21,7 +21,9 @@ use axum::extract::{DefaultBodyLimit, OriginalUri};
 use axum::http::{HeaderName, Method};
 use axum::routing::{get, post};
 use axum::{middleware, Extension, Router};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId as TowerRequestId, SetRequestIdLayer,
+};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::error::ApiError;
@@ -66,7 +68,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(request_id, NewRequestId))
         // Ids are the gateway's own: a client-sent one would let it choose what the
         // audit log records.
         .layer(middleware::map_request(
@@ -76,6 +78,21 @@ pub fn router(state: AppState) -> Router {
             },
         ))
         .with_state(state)
+}
+
+/// Request ids: random (version 4) UUIDs from the thread's CSPRNG, seeded from the OS
+/// once, rather than one `getrandom` system call per request.
+#[derive(Debug, Clone, Copy)]
+struct NewRequestId;
+
+impl MakeRequestId for NewRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<TowerRequestId> {
+        let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+        let mut buf = uuid::Uuid::encode_buffer();
+        axum::http::HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+            .ok()
+            .map(TowerRequestId::new)
+    }
 }
 
 async fn unknown_route(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
