@@ -36,13 +36,20 @@ pub struct LedgerOptions {
     /// Audit records older than this are deleted (checked at open, then hourly or every
     /// `retention` if shorter); `None` keeps them forever.
     pub retention: Option<Duration>,
+    /// How long a round waits for more batches before it commits, when the round before
+    /// it held more than one batch (a sign of concurrent submitters); zero never waits.
+    pub linger: Duration,
 }
+
+/// The default [`LedgerOptions::linger`].
+pub const LINGER: Duration = Duration::from_micros(200);
 
 impl Default for LedgerOptions {
     fn default() -> Self {
         LedgerOptions {
             max_batch: 4096,
             retention: None,
+            linger: LINGER,
         }
     }
 }
@@ -108,7 +115,13 @@ impl Ledger {
             other => LedgerError::Store(sled::Error::Unsupported(other.to_string())),
         })?;
         let shared = Arc::new(Shared::default());
-        let mut writer = Writer::new(tree.clone(), opts.max_batch, opts.retention, shared.clone())?;
+        let mut writer = Writer::new(
+            tree.clone(),
+            opts.max_batch,
+            opts.retention,
+            opts.linger,
+            shared.clone(),
+        )?;
 
         let reservations = read_reservations(&tree)?;
         if !reservations.is_empty() {

@@ -6,6 +6,16 @@
 //! in memory in queue order, build one `sled::Batch`, `apply_batch`, `flush`, then answer
 //! every waiter of the round.
 //!
+//! Linger: when the previous round held more than one batch (submitters are
+//! concurrent), the writer sleeps `linger` after taking a round's first message and
+//! before draining the queue, so the round takes in what the request tasks submit
+//! meanwhile. It sleeps rather than waiting on the queue so that those submissions
+//! do not wake it one by one (on one core each wake-up is a context switch away from
+//! the tasks that would submit more). Fewer, larger rounds mean fewer flushes and
+//! wake-ups per request; the cost is up to `linger` more latency per round under load,
+//! none for a lone submitter. Durability is unchanged: nothing is answered before its
+//! round is flushed.
+//!
 //! Invariants:
 //! - In-round reads see earlier ops of the same round: balances, reservations and usage
 //!   rows are loaded once into an overlay and modified there; several usage deltas for one
@@ -113,6 +123,9 @@ pub(crate) struct Writer {
     head: Head,
     max_batch: usize,
     retention: Option<Duration>,
+    linger: Duration,
+    /// Batches in the last round committed.
+    last_round: usize,
     shared: Arc<Shared>,
 }
 
@@ -121,6 +134,7 @@ impl Writer {
         tree: sled::Tree,
         max_batch: usize,
         retention: Option<Duration>,
+        linger: Duration,
         shared: Arc<Shared>,
     ) -> Result<Writer, LedgerError> {
         Ok(Writer {
@@ -128,6 +142,8 @@ impl Writer {
             tree,
             max_batch: max_batch.max(1),
             retention,
+            linger,
+            last_round: 0,
             shared,
         })
     }
@@ -176,6 +192,9 @@ impl Writer {
                     }
                 }
                 Msg::Submit { ops, reply } => {
+                    if self.last_round > 1 && !self.linger.is_zero() {
+                        std::thread::sleep(self.linger);
+                    }
                     let mut n = ops.len();
                     let mut batches = vec![(ops, reply)];
                     while n < self.max_batch {
@@ -191,6 +210,7 @@ impl Writer {
                             Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                         }
                     }
+                    self.last_round = batches.len();
                     let (ops, replies): (Vec<_>, Vec<_>) = batches.into_iter().unzip();
                     match self.commit(ops) {
                         Ok(outcomes) => {
