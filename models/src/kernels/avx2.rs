@@ -69,7 +69,7 @@ fn check<A>(ws: &[&[u8]], bb: usize, acts: &[&[A]], out: &[f32]) {
     let n = ws.first().map_or(0, |w| w.len());
     assert!(
         SHAPES.contains(&(ws.len(), acts.len()))
-            && n % bb == 0
+            && n.is_multiple_of(bb)
             && ws.iter().all(|w| w.len() == n)
             && acts.iter().all(|a| a.len() == n / bb)
             && out.len() == ws.len() * acts.len(),

@@ -7,25 +7,36 @@
 //!    Q8_K for the K formats, f16-rounded f32 for F16, plain f32 for F32;
 //! 2. each weight row is dotted with the activation rows block by block as ggml's
 //!    `ggml_vec_dot_*` does: integer products summed exactly, scaled once per block
-//!    (`scalar.rs` portable, `avx2.rs` AVX2+FMA+F16C chosen at run time);
-//! 3. the output columns (weight rows) are split across rayon's pool in contiguous
-//!    ranges, as ggml splits by rows; inside a range, a tile of 16 weight rows is
-//!    dotted with groups of up to 4 activation rows, each weight block read and
-//!    unpacked once per group while the tile stays in cache (for a single
-//!    activation row, 4 weight rows per call keep 4 accumulator chains busy).
+//!    (`scalar.rs` portable, `avx2.rs` AVX2+FMA+F16C, `avx512.rs` AVX-512 VNNI, the
+//!    best the CPU has chosen at run time);
+//! 3. where the CPU has AVX-512 VNNI, Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K weights are
+//!    repacked at construction (`pack.rs`): 16 rows interleaved so one `vpdpbusd`
+//!    yields 16 rows' partial dots, each weight register unpacked once for up to 8
+//!    activation rows; rows past the last whole group of 16 stay in GGUF layout and
+//!    run on the AVX2 kernels;
+//! 4. the output columns (weight rows) are split across rayon's pool in contiguous
+//!    ranges of whole 16-row tiles, as ggml splits by rows; inside a range, a tile
+//!    is dotted with every activation row (groups of 8 packed, of up to 4 on AVX2)
+//!    while it stays in cache (for a single activation row on AVX2, 4 weight rows
+//!    per call keep 4 accumulator chains busy).
 //!
-//! Invariants: `data` holds exactly `rows` rows of `cols / block_len` blocks of the
-//! format, row-major, as in the GGUF file; `cols` is a multiple of the block length
-//! (32, or 256 for K formats). Results do not depend on the thread count or on `m`
-//! (each output is one kernel's dot of one weight row with one activation row), and
-//! equal the scalar path up to f32 summation order. Mismatched slice lengths in
-//! [`QWeight::matmul`] / [`QWeight::dequantize_row`] are programming errors and panic
-//! with a message; malformed tensors are refused with an error at construction.
+//! Invariants: `data` holds the `rows` rows as GGUF blocks, row-major, except that
+//! when `packed` the first `rows / 16` groups of 16 rows are in `pack.rs`'s layout
+//! (same information, [`QWeight::dequantize_row`] unpacks); `cols` is a multiple of
+//! the block length (32, or 256 for K formats). Results do not depend on the thread
+//! count or on `m` (each output is one kernel's dot of one weight row with one
+//! activation row), and equal the scalar path up to f32 summation order. Mismatched
+//! slice lengths in [`QWeight::matmul`] / [`QWeight::dequantize_row`] are programming
+//! errors and panic with a message; malformed tensors are refused with an error at
+//! construction.
 
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod formats;
+mod pack;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -36,24 +47,59 @@ use rayon::prelude::*;
 
 use act::{Q8Block, Q8KBlock, QK8, QK_K};
 
+use pack::GROUP;
+
 #[cfg(target_arch = "x86_64")]
 use avx2::Avx2 as Simd;
+#[cfg(target_arch = "x86_64")]
+use avx512::Avx512 as Wide;
 
 /// No SIMD kernels off x86_64: the portable ones run.
 #[cfg(not(target_arch = "x86_64"))]
 #[derive(Clone, Copy, Debug)]
 enum Simd {}
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy, Debug)]
+enum Wide {}
 
-fn detect_simd() -> Option<Simd> {
+/// The kernel families this CPU runs: AVX2 for the GGUF layout, AVX-512 VNNI for the
+/// packed one (`pack.rs`). Both `None` = the portable kernels.
+#[derive(Clone, Copy, Debug)]
+struct Isa {
+    avx2: Option<Simd>,
+    avx512: Option<Wide>,
+}
+
+impl Isa {
+    #[cfg(test)]
+    const SCALAR: Isa = Isa {
+        avx2: None,
+        avx512: None,
+    };
+}
+
+fn detect_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        Simd::detect()
+        Isa {
+            avx2: Simd::detect(),
+            avx512: Wide::detect(),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        None
+        Isa {
+            avx2: None,
+            avx512: None,
+        }
     }
 }
+
+/// Outputs of one packed-group kernel call: 16 weight rows for each of up to
+/// [`MAX_ACTS`] activation rows.
+type GroupOut = [[f32; GROUP]; MAX_ACTS];
+/// Most activation rows one packed-group kernel call takes.
+const MAX_ACTS: usize = 8;
 
 /// Most activation rows one kernel call takes (each weight block is unpacked once
 /// for them all).
@@ -72,6 +118,7 @@ fn weight_rows_per_call(g: usize) -> usize {
 /// Weight rows dotted with every activation group before moving on: a tile of this
 /// many rows stays in L1/L2 while the activation rows stream past it.
 const TILE_ROWS: usize = 16;
+const _: () = assert!(TILE_ROWS == GROUP);
 /// Below this many multiply-adds a call runs on the calling thread alone.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
@@ -84,6 +131,9 @@ pub struct QWeight {
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    /// Whether the first `rows / 16 * 16` rows are in the packed layout of `pack.rs`
+    /// (the rest stay in GGUF layout after them).
+    packed: bool,
     data: Vec<u8>,
 }
 
@@ -114,17 +164,29 @@ impl QWeight {
         Self::from_qtensor(&QTensor::quantize(&t, dtype)?)
     }
 
+    /// Packs the rows for the AVX-512 kernels where this CPU has them.
     fn from_bytes(
         dtype: GgmlDType,
         rows: usize,
         cols: usize,
         data: Vec<u8>,
     ) -> candle_core::Result<QWeight> {
+        let pack = pack::packable(dtype) && detect_isa().avx512.is_some();
+        Self::from_bytes_layout(dtype, rows, cols, data, pack)
+    }
+
+    fn from_bytes_layout(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+        pack: bool,
+    ) -> candle_core::Result<QWeight> {
         if !formats::is_supported(dtype) {
             candle_core::bail!("QWeight: weight format {dtype:?} is not supported");
         }
         let block = formats::block_len(dtype);
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             candle_core::bail!(
                 "QWeight: {cols} columns is not a multiple of {dtype:?}'s block of {block}"
             );
@@ -137,13 +199,73 @@ impl QWeight {
                 rows * row_bytes
             );
         }
-        Ok(QWeight {
+        let mut w = QWeight {
             dtype,
             rows,
             cols,
             row_bytes,
+            packed: false,
             data,
-        })
+        };
+        if pack && pack::packable(dtype) && rows >= GROUP {
+            w.pack();
+        }
+        Ok(w)
+    }
+
+    /// Bytes of one packed group of 16 rows.
+    fn group_bytes(&self) -> usize {
+        self.cols / formats::block_len(self.dtype) * pack::packed_block_bytes(self.dtype)
+    }
+
+    /// Rows held in the packed layout.
+    fn packed_rows(&self) -> usize {
+        if self.packed {
+            self.rows / GROUP * GROUP
+        } else {
+            0
+        }
+    }
+
+    /// Rewrites the GGUF rows into the packed layout (same position for the tail rows).
+    fn pack(&mut self) {
+        let (groups, gb, rb) = (self.rows / GROUP, self.group_bytes(), self.row_bytes);
+        let tail = groups * GROUP * rb;
+        let mut data = vec![0u8; groups * gb + self.data.len() - tail];
+        for (g, out) in data.chunks_exact_mut(gb).take(groups).enumerate() {
+            let rows: [&[u8]; GROUP] = std::array::from_fn(|i| {
+                let j = g * GROUP + i;
+                &self.data[j * rb..(j + 1) * rb]
+            });
+            pack::pack_group(self.dtype, &rows, out);
+        }
+        data[groups * gb..].copy_from_slice(&self.data[tail..]);
+        self.data = data;
+        self.packed = true;
+    }
+
+    /// The same matrix in GGUF layout.
+    fn unpacked(&self) -> QWeight {
+        let mut data = vec![0u8; self.rows * self.row_bytes];
+        for (j, out) in data.chunks_exact_mut(self.row_bytes).enumerate() {
+            self.copy_row(j, out);
+        }
+        QWeight {
+            packed: false,
+            data,
+            ..*self
+        }
+    }
+
+    /// Row `j` in GGUF layout into `out` (`row_bytes` long).
+    fn copy_row(&self, j: usize, out: &mut [u8]) {
+        if j < self.packed_rows() {
+            let gb = self.group_bytes();
+            let g = &self.data[j / GROUP * gb..(j / GROUP + 1) * gb];
+            pack::unpack_row(self.dtype, g, j % GROUP, out);
+        } else {
+            out.copy_from_slice(self.row(j));
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -168,10 +290,10 @@ impl QWeight {
     /// # Panics
     /// If `x.len() != m * cols` or `out.len() != m * rows` (a caller bug).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_with(x, m, out, detect_simd());
+        self.matmul_with(x, m, out, detect_isa());
     }
 
-    fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], simd: Option<Simd>) {
+    fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], isa: Isa) {
         assert!(
             x.len() == m * self.cols && out.len() == m * self.rows,
             "QWeight::matmul: {m} rows of activations need x of {} and out of {} values, got {} and {}",
@@ -183,31 +305,53 @@ impl QWeight {
         if m == 0 || self.rows == 0 {
             return;
         }
+        if self.packed && isa.avx512.is_none() {
+            // Only tests get here: packing happens where AVX-512 VNNI exists.
+            return self.unpacked().matmul_with(x, m, out, isa);
+        }
         let dtype = self.dtype;
+        let simd = isa.avx2;
+        let none = |_: &[u8], _: &[&[f32]], _: &mut GroupOut| {};
         match dtype {
-            GgmlDType::F32 => {
-                self.drive(x, self.cols, out, |w, a, o| dot_float(simd, dtype, w, a, o))
-            }
+            GgmlDType::F32 => self.drive(
+                x,
+                self.cols,
+                out,
+                |w, a, o| dot_float(simd, dtype, w, a, o),
+                none,
+            ),
             GgmlDType::F16 => {
                 let mut xr = vec![0f32; x.len()];
                 act::round_f16(x, &mut xr);
-                self.drive(&xr, self.cols, out, |w, a, o| {
-                    dot_float(simd, dtype, w, a, o)
-                });
+                self.drive(
+                    &xr,
+                    self.cols,
+                    out,
+                    |w, a, o| dot_float(simd, dtype, w, a, o),
+                    none,
+                );
             }
             GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
                 let mut q = vec![Q8KBlock::ZERO; x.len() / QK_K];
                 act::quantize_q8k(x, &mut q);
-                self.drive(&q, self.cols / QK_K, out, |w, a, o| {
-                    dot_k(simd, dtype, w, a, o)
-                });
+                self.drive(
+                    &q,
+                    self.cols / QK_K,
+                    out,
+                    |w, a, o| dot_k(simd, dtype, w, a, o),
+                    |w, a, o| group_k(isa, dtype, w, a, o),
+                );
             }
             _ => {
                 let mut q = vec![Q8Block::ZERO; x.len() / QK8];
                 act::quantize_q8(x, &mut q);
-                self.drive(&q, self.cols / QK8, out, |w, a, o| {
-                    dot_32(simd, dtype, w, a, o)
-                });
+                self.drive(
+                    &q,
+                    self.cols / QK8,
+                    out,
+                    |w, a, o| dot_32(simd, dtype, w, a, o),
+                    |w, a, o| group_32(isa, dtype, w, a, o),
+                );
             }
         }
     }
@@ -225,19 +369,37 @@ impl QWeight {
             out.len(),
             self.cols
         );
-        formats::dequantize_row(self.dtype, self.row(r), out);
+        if r < self.packed_rows() {
+            let mut row = vec![0u8; self.row_bytes];
+            self.copy_row(r, &mut row);
+            formats::dequantize_row(self.dtype, &row, out);
+        } else {
+            formats::dequantize_row(self.dtype, self.row(r), out);
+        }
     }
 
+    /// Row `j` in GGUF layout, for a row outside the packed groups.
     fn row(&self, j: usize) -> &[u8] {
-        &self.data[j * self.row_bytes..(j + 1) * self.row_bytes]
+        let p = self.packed_rows();
+        debug_assert!(j >= p);
+        let at = p / GROUP * self.group_bytes() + (j - p) * self.row_bytes;
+        &self.data[at..at + self.row_bytes]
+    }
+
+    /// Packed group `g` (rows `16 g .. 16 g + 16`).
+    fn group(&self, g: usize) -> &[u8] {
+        let gb = self.group_bytes();
+        &self.data[g * gb..(g + 1) * gb]
     }
 
     /// Runs `dot` over every (weight row, activation group) pair, in parallel over
     /// contiguous ranges of weight rows. `acts` holds `out.len() / rows` activation
     /// rows of `act_row` elements each.
-    fn drive<A: Sync, F>(&self, acts: &[A], act_row: usize, out: &mut [f32], dot: F)
+    /// `gdot` runs a packed group of 16 rows against up to [`MAX_ACTS`] activation rows.
+    fn drive<A: Sync, F, G>(&self, acts: &[A], act_row: usize, out: &mut [f32], dot: F, gdot: G)
     where
         F: Fn(&[&[u8]], &[&[A]], &mut [f32]) + Sync,
+        G: Fn(&[u8], &[&[A]], &mut GroupOut) + Sync,
     {
         let rows = self.rows;
         let m = out.len() / rows;
@@ -250,7 +412,7 @@ impl QWeight {
         };
         if tasks == 1 {
             let mut outs: Vec<&mut [f32]> = out.chunks_mut(rows).collect();
-            self.run_range(0, &mut outs, acts, act_row, &dot);
+            self.run_range(0, &mut outs, acts, act_row, &dot, &gdot);
             return;
         }
         // Contiguous ranges of weight rows, whole tiles except the last.
@@ -267,37 +429,51 @@ impl QWeight {
                 rest = tail;
             }
         }
-        parts
-            .into_par_iter()
-            .for_each(|(start, mut outs)| self.run_range(start, &mut outs, acts, act_row, &dot));
+        parts.into_par_iter().for_each(|(start, mut outs)| {
+            self.run_range(start, &mut outs, acts, act_row, &dot, &gdot)
+        });
     }
 
     /// Weight rows `start..start + outs[0].len()` against all activation rows; `outs[i]`
     /// receives activation row i's outputs for those weight rows.
-    fn run_range<A, F>(
+    /// `start` is a multiple of [`TILE_ROWS`], so packed groups are whole in a range.
+    fn run_range<A, F, G>(
         &self,
         start: usize,
         outs: &mut [&mut [f32]],
         acts: &[A],
         act_row: usize,
         dot: &F,
+        gdot: &G,
     ) where
         F: Fn(&[&[u8]], &[&[A]], &mut [f32]),
+        G: Fn(&[u8], &[&[A]], &mut GroupOut),
     {
         let m = outs.len();
         let len = outs.first().map_or(0, |o| o.len());
+        let packed_rows = self.packed_rows();
+        let act = |i: usize| &acts[i * act_row..(i + 1) * act_row];
         let mut res = [0f32; 4];
+        let mut gres: GroupOut = [[0f32; GROUP]; MAX_ACTS];
         for t0 in (0..len).step_by(TILE_ROWS) {
             let t1 = (t0 + TILE_ROWS).min(len);
+            if start + t0 < packed_rows {
+                let w = self.group((start + t0) / GROUP);
+                for i0 in (0..m).step_by(MAX_ACTS) {
+                    let g = (m - i0).min(MAX_ACTS);
+                    let group: [&[A]; MAX_ACTS] =
+                        std::array::from_fn(|k| if k < g { act(i0 + k) } else { &[] });
+                    gdot(w, &group[..g], &mut gres);
+                    for (k, res) in gres[..g].iter().enumerate() {
+                        outs[i0 + k][t0..t1].copy_from_slice(res);
+                    }
+                }
+                continue;
+            }
             for i0 in (0..m).step_by(GROUP_ROWS) {
                 let g = (m - i0).min(GROUP_ROWS);
-                let group: [&[A]; GROUP_ROWS] = std::array::from_fn(|k| {
-                    if k < g {
-                        &acts[(i0 + k) * act_row..(i0 + k + 1) * act_row]
-                    } else {
-                        &[]
-                    }
-                });
+                let group: [&[A]; GROUP_ROWS] =
+                    std::array::from_fn(|k| if k < g { act(i0 + k) } else { &[] });
                 let rw = weight_rows_per_call(g);
                 let mut j = t0;
                 while j < t1 {
@@ -333,6 +509,42 @@ fn dot_k(simd: Option<Simd>, dtype: GgmlDType, w: &[&[u8]], a: &[&[Q8KBlock]], o
     }
     let _ = simd;
     scalar::rows_k(dtype, w, a, o)
+}
+
+fn group_32(isa: Isa, dtype: GgmlDType, w: &[u8], a: &[&[Q8Block]], o: &mut GroupOut) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx512 {
+        return avx512::group_32(t, dtype, w, a, o);
+    }
+    let _ = isa;
+    group_portable(dtype, w, a, o, scalar::rows_32)
+}
+
+fn group_k(isa: Isa, dtype: GgmlDType, w: &[u8], a: &[&[Q8KBlock]], o: &mut GroupOut) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx512 {
+        return avx512::group_k(t, dtype, w, a, o);
+    }
+    let _ = isa;
+    group_portable(dtype, w, a, o, scalar::rows_k)
+}
+
+/// A portable kernel: weight rows x activation rows (`scalar::rows_*`).
+type RowsFn<A> = fn(GgmlDType, &[&[u8]], &[&[A]], &mut [f32]);
+
+/// A packed group on the portable kernels, row by row (unreachable in practice:
+/// `matmul_with` unpacks the matrix when AVX-512 is missing).
+fn group_portable<A>(dtype: GgmlDType, w: &[u8], a: &[&[A]], o: &mut GroupOut, rows: RowsFn<A>) {
+    let nb = w.len() / pack::packed_block_bytes(dtype);
+    let mut row = vec![0u8; nb * formats::block_bytes(dtype)];
+    let mut res = [0f32; MAX_ACTS];
+    for i in 0..GROUP {
+        pack::unpack_row(dtype, w, i, &mut row);
+        rows(dtype, &[&row], a, &mut res[..a.len()]);
+        for (o, &v) in o.iter_mut().zip(&res[..a.len()]) {
+            o[i] = v;
+        }
+    }
 }
 
 fn dot_float(simd: Option<Simd>, dtype: GgmlDType, w: &[&[u8]], a: &[&[f32]], o: &mut [f32]) {

@@ -7,7 +7,7 @@ use candle_core::{Device, Module, Tensor};
 use half::f16;
 
 use super::act::{quantize_q8, quantize_q8k, Q8Block, Q8KBlock, QK8, QK_K};
-use super::{detect_simd, QWeight};
+use super::{detect_isa, pack, Isa, QWeight};
 
 const ALL: [GgmlDType; 12] = [
     GgmlDType::F32,
@@ -135,40 +135,111 @@ fn every_format_matches_the_f32_reference() {
     }
 }
 
+/// Every kernel family this CPU has (AVX2 on the GGUF layout; AVX-512 VNNI on the
+/// packed one, with the AVX2 kernels for the rows after the last whole group), with
+/// the layout it runs on.
+fn simd_paths() -> Vec<(&'static str, Isa, bool)> {
+    let isa = detect_isa();
+    let mut paths = Vec::new();
+    if isa.avx2.is_some() {
+        paths.push((
+            "avx2",
+            Isa {
+                avx2: isa.avx2,
+                avx512: None,
+            },
+            false,
+        ));
+    }
+    if isa.avx512.is_some() {
+        paths.push(("avx512", isa, true));
+    }
+    if paths.is_empty() {
+        println!("no AVX2/FMA/F16C on this CPU: only the scalar kernels exist here");
+    }
+    println!(
+        "SIMD paths: {:?}",
+        paths.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+    paths
+}
+
 #[test]
 fn simd_equals_scalar_and_batching_changes_nothing() {
-    let Some(simd) = detect_simd() else {
-        println!("no AVX2/FMA/F16C on this CPU: only the scalar kernels exist here");
-        return;
-    };
     let mut rng = Rng(0xDEAD_BEEF_1234_5678);
-    let rows = 37;
+    for (name, isa, packed) in simd_paths() {
+        // 37 rows: two packed groups and 5 rows in GGUF layout after them.
+        simd_equals_scalar(&mut rng, name, isa, packed, 37);
+        simd_equals_scalar(&mut rng, name, isa, packed, 16);
+    }
+}
+
+fn simd_equals_scalar(rng: &mut Rng, name: &str, isa: Isa, packed: bool, rows: usize) {
     for dtype in ALL {
         for &cols in col_sizes(dtype) {
-            let w = QWeight::from_f32(&rng.vec(rows * cols), rows, cols, dtype).unwrap();
-            for m in [1, 3, 8, 33] {
+            let data = rng.vec(rows * cols);
+            let plain = QWeight::from_f32(&data, rows, cols, dtype)
+                .unwrap()
+                .unpacked();
+            let w =
+                QWeight::from_bytes_layout(dtype, rows, cols, plain.data.clone(), packed).unwrap();
+            for m in [1, 3, 8, 9, 33] {
                 let x = rng.vec(m * cols);
                 let mut fast = vec![0f32; m * rows];
                 let mut slow = vec![0f32; m * rows];
-                w.matmul_with(&x, m, &mut fast, Some(simd));
-                w.matmul_with(&x, m, &mut slow, None);
+                w.matmul_with(&x, m, &mut fast, isa);
+                plain.matmul_with(&x, m, &mut slow, Isa::SCALAR);
                 let err = rel_err(&fast, &slow, rows);
                 assert!(
                     err < 1e-4,
-                    "{dtype:?} cols {cols} m {m}: SIMD vs scalar {err}"
+                    "{name} {dtype:?} {rows}x{cols} m {m}: SIMD vs scalar {err}"
                 );
                 // Each output is one kernel dot: the same whether computed in a
                 // batch (grouped, tiled, threaded) or alone.
-                for i in [0, m - 1] {
+                for i in [0, m / 2, m - 1] {
                     let mut one = vec![0f32; rows];
-                    w.matmul(&x[i * cols..(i + 1) * cols], 1, &mut one);
+                    w.matmul_with(&x[i * cols..(i + 1) * cols], 1, &mut one, isa);
                     assert_eq!(
                         one,
                         fast[i * rows..(i + 1) * rows],
-                        "{dtype:?} cols {cols} m {m} row {i}"
+                        "{name} {dtype:?} {rows}x{cols} m {m} row {i}"
                     );
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn packing_round_trips_every_byte() {
+    let mut rng = Rng(99);
+    for dtype in ALL.into_iter().filter(|&d| pack::packable(d)) {
+        let (rows, cols) = (35, 2 * dtype.block_size());
+        // Arbitrary bytes: every bit of every field must survive the round trip.
+        let bytes: Vec<u8> = (0..rows * cols / dtype.block_size() * dtype.type_size())
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        let w = QWeight::from_bytes_layout(dtype, rows, cols, bytes.clone(), true).unwrap();
+        assert!(w.packed, "{dtype:?}");
+        assert_eq!(w.unpacked().data, bytes, "{dtype:?}");
+    }
+}
+
+#[test]
+fn packed_rows_dequantize_like_gguf_rows() {
+    let mut rng = Rng(5);
+    for dtype in ALL.into_iter().filter(|&d| pack::packable(d)) {
+        let (rows, cols) = (20, 512);
+        let plain = QWeight::from_f32(&rng.vec(rows * cols), rows, cols, dtype)
+            .unwrap()
+            .unpacked();
+        let packed =
+            QWeight::from_bytes_layout(dtype, rows, cols, plain.data.clone(), true).unwrap();
+        for r in 0..rows {
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            plain.dequantize_row(r, &mut a);
+            packed.dequantize_row(r, &mut b);
+            assert_eq!(a, b, "{dtype:?} row {r}");
         }
     }
 }

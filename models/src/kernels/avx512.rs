@@ -1,0 +1,341 @@
+//! AVX-512 (F, BW, VL) + VNNI kernels on the packed layout of `pack.rs`: one group of
+//! 16 interleaved weight rows against up to [`MAX_ACTS`] activation rows, each weight
+//! register unpacked once and multiplied with every activation row by `vpdpbusd`
+//! (u8 weights x i8 activations, 4 products summed into each i32 lane, lane = row).
+//!
+//! Owns the `unsafe` of these kernels. Invariants that make it sound:
+//! - every `#[target_feature]` function is reached only through [`group_32`] and
+//!   [`group_k`], which take an [`Avx512`] token that exists only after runtime
+//!   detection of avx512f/bw/vl/vnni (and avx2/fma/f16c);
+//! - the entry points assert the lengths (the group a whole number of packed blocks,
+//!   every activation row that many blocks, 1..=8 rows), so every read stays inside
+//!   its slice; all loads are unaligned.
+//!
+//! Numerics: weights enter `vpdpbusd` unsigned (Q8_0 stored as q + 128, Q4_0 / Q5_0 /
+//! Q6_K before their -8 / -16 / -32 offset), and the offset times the activation
+//! block's exact quant sum is subtracted in i32: `sum((q+o) a) - o sum(a)` is the
+//! integer dot exactly (no i16 saturation anywhere: `vpdpbusd` widens to i32). Scales
+//! multiply the exact i32 sub-block sums (`vpmulld`), mins use `vpdpwssd` with Q8_K's
+//! `bsums`, and the f32 scaling per block is ggml's. Results equal the scalar kernels
+//! up to f32 summation order.
+
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use candle_core::quantized::GgmlDType;
+
+use super::act::{Q8Block, Q8KBlock};
+use super::pack::packed_block_bytes;
+use super::{GroupOut, MAX_ACTS};
+
+/// Proof that this CPU has AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512(());
+
+impl Avx512 {
+    pub(crate) fn detect() -> Option<Avx512> {
+        let ok = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        ok.then_some(Avx512(()))
+    }
+}
+
+const FMT_Q4_0: u8 = 0;
+const FMT_Q4_1: u8 = 1;
+const FMT_Q5_0: u8 = 2;
+const FMT_Q8_0: u8 = 4;
+
+/// Calls `$f::<.., R>` for `R = $acts.len()` (1..=8).
+macro_rules! by_rows {
+    ($f:ident, [$($c:expr),*], $w:expr, $acts:expr, $out:expr) => {
+        match $acts.len() {
+            1 => $f::<$($c,)* 1>($w, $acts, $out),
+            2 => $f::<$($c,)* 2>($w, $acts, $out),
+            3 => $f::<$($c,)* 3>($w, $acts, $out),
+            4 => $f::<$($c,)* 4>($w, $acts, $out),
+            5 => $f::<$($c,)* 5>($w, $acts, $out),
+            6 => $f::<$($c,)* 6>($w, $acts, $out),
+            7 => $f::<$($c,)* 7>($w, $acts, $out),
+            _ => $f::<$($c,)* 8>($w, $acts, $out),
+        }
+    };
+}
+
+fn check<A>(w: &[u8], pb: usize, acts: &[&[A]]) {
+    let nb = w.len() / pb.max(1);
+    assert!(
+        pb != 0
+            && w.len().is_multiple_of(pb)
+            && (1..=MAX_ACTS).contains(&acts.len())
+            && acts.iter().all(|a| a.len() == nb),
+        "kernels::avx512: a packed group of {} bytes (block {pb}) against {} activation rows",
+        w.len(),
+        acts.len()
+    );
+}
+
+/// `out[r][i] = dot(row i of the packed group w, acts[r])` for Q4_0 / Q4_1 / Q5_0 /
+/// Q8_0.
+pub(crate) fn group_32(
+    _: Avx512,
+    dtype: GgmlDType,
+    w: &[u8],
+    acts: &[&[Q8Block]],
+    out: &mut GroupOut,
+) {
+    check(w, packed_block_bytes(dtype), acts);
+    // SAFETY: the token proves the CPU features; `check` proved the lengths.
+    unsafe {
+        match dtype {
+            GgmlDType::Q4_0 => by_rows!(kernel_32, [FMT_Q4_0], w, acts, out),
+            GgmlDType::Q4_1 => by_rows!(kernel_32, [FMT_Q4_1], w, acts, out),
+            GgmlDType::Q5_0 => by_rows!(kernel_32, [FMT_Q5_0], w, acts, out),
+            _ => by_rows!(kernel_32, [FMT_Q8_0], w, acts, out),
+        }
+    }
+}
+
+/// `out[r][i] = dot(row i of the packed group w, acts[r])` for Q4_K / Q5_K / Q6_K.
+pub(crate) fn group_k(
+    _: Avx512,
+    dtype: GgmlDType,
+    w: &[u8],
+    acts: &[&[Q8KBlock]],
+    out: &mut GroupOut,
+) {
+    check(w, packed_block_bytes(dtype), acts);
+    // SAFETY: the token proves the CPU features; `check` proved the lengths.
+    unsafe {
+        match dtype {
+            GgmlDType::Q6K => by_rows!(kernel_q6k, [], w, acts, out),
+            GgmlDType::Q5K => by_rows!(kernel_q45k, [true], w, acts, out),
+            _ => by_rows!(kernel_q45k, [false], w, acts, out),
+        }
+    }
+}
+
+/// 16 f16 at `p`, widened.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn f16x16(p: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+}
+
+/// 4 activation quants from byte `4 * z` of `qs`, broadcast to every lane.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn act4(qs: *const i8, z: usize) -> __m512i {
+    _mm512_set1_epi32(std::ptr::read_unaligned(qs.add(4 * z).cast::<i32>()))
+}
+
+/// The 8 registers of 4-bit quants of a "nibbles" area at `p` (register z holds
+/// quants 4z..4z+4 of each row).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn nibbles(p: *const u8) -> [__m512i; 8] {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut q = [_mm512_setzero_si512(); 8];
+    for t in 0..4 {
+        let x = _mm512_loadu_si512(p.add(64 * t).cast());
+        q[t] = _mm512_and_si512(x, m4);
+        q[t + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), m4);
+    }
+    q
+}
+
+/// Adds 16 to the quants whose bit is set in the 8 masks at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn add_fifth_bits(q: &mut [__m512i; 8], p: *const u8) {
+    let x10 = _mm512_set1_epi8(0x10);
+    for (z, v) in q.iter_mut().enumerate() {
+        let k: __mmask64 = std::ptr::read_unaligned(p.add(8 * z).cast::<u64>());
+        *v = _mm512_mask_add_epi8(*v, k, *v, x10);
+    }
+}
+
+/// Q4_0 / Q4_1 / Q5_0 / Q8_0: 16 packed rows x `R` activation rows.
+///
+/// # Safety
+/// CPU features as in [`Avx512::detect`]; lengths as checked by [`check`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn kernel_32<const FMT: u8, const R: usize>(
+    w: &[u8],
+    acts: &[&[Q8Block]],
+    out: &mut GroupOut,
+) {
+    let pb = match FMT {
+        FMT_Q4_0 => 288,
+        FMT_Q4_1 => 320,
+        FMT_Q5_0 => 352,
+        _ => 544,
+    };
+    let offset = match FMT {
+        FMT_Q4_0 => 8,
+        FMT_Q5_0 => 16,
+        FMT_Q8_0 => 128,
+        _ => 0,
+    };
+    let nb = w.len() / pb;
+    let wp = w.as_ptr();
+    let a: [*const Q8Block; R] = std::array::from_fn(|r| acts[r].as_ptr());
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let wb = wp.add(b * pb);
+        let q = match FMT {
+            FMT_Q8_0 => std::array::from_fn(|z| _mm512_loadu_si512(wb.add(32 + 64 * z).cast())),
+            FMT_Q4_0 => nibbles(wb.add(32)),
+            FMT_Q4_1 => nibbles(wb.add(64)),
+            _ => {
+                let mut q = nibbles(wb.add(96));
+                add_fifth_bits(&mut q, wb.add(32));
+                q
+            }
+        };
+        let dw = f16x16(wb);
+        for r in 0..R {
+            let y = &*a[r].add(b);
+            let qs = y.qs.as_ptr();
+            let mut s = if offset != 0 {
+                _mm512_set1_epi32(-offset * y.sum)
+            } else {
+                _mm512_setzero_si512()
+            };
+            for (z, &qz) in q.iter().enumerate() {
+                s = _mm512_dpbusd_epi32(s, qz, act4(qs, z));
+            }
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(y.d));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+            if FMT == FMT_Q4_1 {
+                acc[r] = _mm512_fmadd_ps(f16x16(wb.add(32)), _mm512_set1_ps(y.s), acc[r]);
+            }
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+    }
+}
+
+/// Q4_K (`FIVE = false`) or Q5_K: 16 packed rows x `R` activation rows.
+///
+/// # Safety
+/// CPU features as in [`Avx512::detect`]; lengths as checked by [`check`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn kernel_q45k<const FIVE: bool, const R: usize>(
+    w: &[u8],
+    acts: &[&[Q8KBlock]],
+    out: &mut GroupOut,
+) {
+    let pb = if FIVE { 2880 } else { 2368 };
+    let nb = w.len() / pb;
+    let wp = w.as_ptr();
+    let a: [*const Q8KBlock; R] = std::array::from_fn(|r| acts[r].as_ptr());
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let wb = wp.add(b * pb);
+        let mut isum = [_mm512_setzero_si512(); R];
+        for j in 0..8 {
+            let mut q = nibbles(wb.add(320 + 256 * j));
+            if FIVE {
+                add_fifth_bits(&mut q, wb.add(2368 + 64 * j));
+            }
+            let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(wb.add(64 + 16 * j).cast()));
+            for r in 0..R {
+                let qs = (*a[r].add(b)).qs.as_ptr().add(32 * j);
+                let mut s = _mm512_setzero_si512();
+                for (z, &qz) in q.iter().enumerate() {
+                    s = _mm512_dpbusd_epi32(s, qz, act4(qs, z));
+                }
+                isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(s, sc));
+            }
+        }
+        // Mins: lane i gets sum_j min[j][i] * (bsums[2j] + bsums[2j + 1]), with each
+        // min in both i16 halves of its lane against the pair of bsums.
+        let mut msum = [_mm512_setzero_si512(); R];
+        for j in 0..8 {
+            let m = _mm512_cvtepu8_epi32(_mm_loadu_si128(wb.add(192 + 16 * j).cast()));
+            let m2 = _mm512_or_si512(m, _mm512_slli_epi32::<16>(m));
+            for r in 0..R {
+                let bs = (*a[r].add(b)).bsums.as_ptr().add(2 * j);
+                let pair = _mm512_set1_epi32(std::ptr::read_unaligned(bs.cast::<i32>()));
+                msum[r] = _mm512_dpwssd_epi32(msum[r], m2, pair);
+            }
+        }
+        let dw = f16x16(wb);
+        let dmin = f16x16(wb.add(32));
+        for r in 0..R {
+            let yd = _mm512_set1_ps((*a[r].add(b)).d);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dw, yd), acc[r]);
+            acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[r]), _mm512_mul_ps(dmin, yd), acc[r]);
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+    }
+}
+
+/// Q6_K: 16 packed rows x `R` activation rows.
+///
+/// # Safety
+/// CPU features as in [`Avx512::detect`]; lengths as checked by [`check`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn kernel_q6k<const R: usize>(w: &[u8], acts: &[&[Q8KBlock]], out: &mut GroupOut) {
+    const PB: usize = 3360;
+    let nb = w.len() / PB;
+    let wp = w.as_ptr();
+    let a: [*const Q8KBlock; R] = std::array::from_fn(|r| acts[r].as_ptr());
+    let mut acc = [_mm512_setzero_ps(); R];
+    let m30 = _mm512_set1_epi8(0x30);
+    for b in 0..nb {
+        let wb = wp.add(b * PB);
+        let mut isum = [_mm512_setzero_si512(); R];
+        for p in 0..8 {
+            let at = wb.add(288 + 384 * p);
+            let mut q = nibbles(at);
+            // High bits: register 4h + f takes bits 2f..2f+2 of part h, moved to bits
+            // 4..6 (16-bit shifts; the 0x30 mask drops what crossed a byte).
+            for h in 0..2 {
+                let x = _mm512_loadu_si512(at.add(256 + 64 * h).cast());
+                let hs = [
+                    _mm512_slli_epi16::<4>(x),
+                    _mm512_slli_epi16::<2>(x),
+                    x,
+                    _mm512_srli_epi16::<2>(x),
+                ];
+                for (f, &hf) in hs.iter().enumerate() {
+                    // q | (hf & 0x30)
+                    q[4 * h + f] = _mm512_ternarylogic_epi32::<0xF8>(q[4 * h + f], hf, m30);
+                }
+            }
+            let sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(wb.add(32 + 32 * p).cast()));
+            let sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(wb.add(48 + 32 * p).cast()));
+            for r in 0..R {
+                let y = &*a[r].add(b);
+                let qs = y.qs.as_ptr().add(32 * p);
+                // Start each 16-value sub-block at -32 * its quant sum (the offset).
+                let mut s0 = _mm512_set1_epi32(-32 * i32::from(y.bsums[2 * p]));
+                let mut s1 = _mm512_set1_epi32(-32 * i32::from(y.bsums[2 * p + 1]));
+                for z in 0..4 {
+                    s0 = _mm512_dpbusd_epi32(s0, q[z], act4(qs, z));
+                    s1 = _mm512_dpbusd_epi32(s1, q[z + 4], act4(qs, z + 4));
+                }
+                let s = _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0), _mm512_mullo_epi32(s1, sc1));
+                isum[r] = _mm512_add_epi32(isum[r], s);
+            }
+        }
+        let dw = f16x16(wb);
+        for r in 0..R {
+            let yd = _mm512_set1_ps((*a[r].add(b)).d);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dw, yd), acc[r]);
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+    }
+}
