@@ -10,6 +10,11 @@
 //!   `q = min(127, nearest_int(iscale * x))` (ties to even), `d = 1 / iscale` as f32,
 //!   and `bsums` the sums of each 16 quants.
 //!
+//! The functions here are the portable reference; `avx2.rs` compiles the same code
+//! for AVX2 machines (rounding instructions inline instead of libm calls) and
+//! `mod.rs` splits long inputs (prefill) over rayon's pool in whole blocks, both
+//! bit-identical to these.
+//!
 //! Invariants: [`Q8Block::d`] and [`Q8Block::s`] hold f16 values widened to f32 (so a
 //! kernel multiplies exactly what ggml multiplies, without converting per block);
 //! [`Q8Block::sum`] is the exact integer sum of `qs`. Q8_0 and Q8_1 blocks have the
@@ -48,11 +53,15 @@ pub(crate) struct Q8KBlock {
     pub bsums: [i16; QK_K / 16],
 }
 
+#[inline(always)]
 fn f16_round(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks).
+/// Always inlined so that the `avx2.rs` wrapper compiles it with SSE4.1 rounding
+/// instructions instead of libm calls (same results: IEEE operations only).
+#[inline(always)]
 pub(crate) fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
     debug_assert_eq!(x.len(), out.len() * QK8);
     for (xs, block) in x.chunks_exact(QK8).zip(out.iter_mut()) {
@@ -73,11 +82,14 @@ pub(crate) fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
 }
 
 /// ggml's `nearest_int`: round to nearest, ties to even.
+#[inline(always)]
 fn nearest_int(v: f32) -> i32 {
     v.round_ties_even() as i32
 }
 
 /// Quantizes `x` (a multiple of 256 long) into `out` (`x.len() / 256` blocks).
+/// Always inlined, as [`quantize_q8`].
+#[inline(always)]
 pub(crate) fn quantize_q8k(x: &[f32], out: &mut [Q8KBlock]) {
     debug_assert_eq!(x.len(), out.len() * QK_K);
     for (xs, block) in x.chunks_exact(QK_K).zip(out.iter_mut()) {

@@ -24,7 +24,7 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::act::{Q8Block, Q8KBlock, QK8, QK_K};
+use super::act::{self, Q8Block, Q8KBlock, QK8, QK_K};
 use super::formats::{block_bytes, scale_min_k4};
 use super::scalar;
 
@@ -139,6 +139,29 @@ pub(crate) fn rows_float(
             by_shape!(kernel_float, [false], ws, acts, out)
         }
     }
+}
+
+/// [`act::quantize_q8`] compiled for this CPU (rounding inline rather than libm
+/// calls); the same results.
+pub(crate) fn quantize_q8(_: Avx2, x: &[f32], out: &mut [Q8Block]) {
+    // SAFETY: the token proves the CPU features; the body is safe code.
+    unsafe { quantize_q8_avx2(x, out) }
+}
+
+/// [`act::quantize_q8k`] compiled for this CPU; the same results.
+pub(crate) fn quantize_q8k(_: Avx2, x: &[f32], out: &mut [Q8KBlock]) {
+    // SAFETY: the token proves the CPU features; the body is safe code.
+    unsafe { quantize_q8k_avx2(x, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8_avx2(x: &[f32], out: &mut [Q8Block]) {
+    act::quantize_q8(x, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8k_avx2(x: &[f32], out: &mut [Q8KBlock]) {
+    act::quantize_q8k(x, out)
 }
 
 /// # Safety

@@ -332,8 +332,10 @@ impl QWeight {
                 );
             }
             GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
-                let mut q = vec![Q8KBlock::ZERO; x.len() / QK_K];
-                act::quantize_q8k(x, &mut q);
+                let mut q = Q8K_BUF.with(|b| b.take());
+                q.clear();
+                q.resize(x.len() / QK_K, Q8KBlock::ZERO);
+                quantize_acts(x, &mut q, QK_K, |x, o| quantize_q8k(simd, x, o));
                 self.drive(
                     &q,
                     self.cols / QK_K,
@@ -341,10 +343,13 @@ impl QWeight {
                     |w, a, o| dot_k(simd, dtype, w, a, o),
                     |w, a, o| group_k(isa, dtype, w, a, o),
                 );
+                Q8K_BUF.with(|b| b.replace(q));
             }
             _ => {
-                let mut q = vec![Q8Block::ZERO; x.len() / QK8];
-                act::quantize_q8(x, &mut q);
+                let mut q = Q8_BUF.with(|b| b.take());
+                q.clear();
+                q.resize(x.len() / QK8, Q8Block::ZERO);
+                quantize_acts(x, &mut q, QK8, |x, o| quantize_q8(simd, x, o));
                 self.drive(
                     &q,
                     self.cols / QK8,
@@ -352,6 +357,7 @@ impl QWeight {
                     |w, a, o| dot_32(simd, dtype, w, a, o),
                     |w, a, o| group_32(isa, dtype, w, a, o),
                 );
+                Q8_BUF.with(|b| b.replace(q));
             }
         }
     }
@@ -491,6 +497,54 @@ impl QWeight {
             }
         }
     }
+}
+
+thread_local! {
+    /// Quantized activations of the last call on this thread, kept for the next one
+    /// (taken out while in use, so a nested call on the same thread allocates its
+    /// own rather than aliasing).
+    static Q8_BUF: std::cell::Cell<Vec<Q8Block>> = const { std::cell::Cell::new(Vec::new()) };
+    static Q8K_BUF: std::cell::Cell<Vec<Q8KBlock>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Activations at least this long are quantized on rayon's pool (prefill chunks).
+const PARALLEL_MIN_QUANT: usize = 1 << 14;
+
+/// Quantizes `x` into `out` (blocks of `block` values) with `f`, split over rayon's
+/// pool in whole blocks when `x` is long: the same blocks as one call, since every
+/// block is quantized on its own.
+fn quantize_acts<B: Send>(
+    x: &[f32],
+    out: &mut [B],
+    block: usize,
+    f: impl Fn(&[f32], &mut [B]) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    if x.len() < PARALLEL_MIN_QUANT || threads < 2 {
+        return f(x, out);
+    }
+    let blocks = out.len().div_ceil(threads * 2).max(1);
+    x.par_chunks(blocks * block)
+        .zip(out.par_chunks_mut(blocks))
+        .for_each(|(x, o)| f(x, o));
+}
+
+fn quantize_q8(simd: Option<Simd>, x: &[f32], out: &mut [Q8Block]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = simd {
+        return avx2::quantize_q8(t, x, out);
+    }
+    let _ = simd;
+    act::quantize_q8(x, out)
+}
+
+fn quantize_q8k(simd: Option<Simd>, x: &[f32], out: &mut [Q8KBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = simd {
+        return avx2::quantize_q8k(t, x, out);
+    }
+    let _ = simd;
+    act::quantize_q8k(x, out)
 }
 
 fn dot_32(simd: Option<Simd>, dtype: GgmlDType, w: &[&[u8]], a: &[&[Q8Block]], o: &mut [f32]) {

@@ -312,6 +312,34 @@ fn q8_k_activations_equal_candle_bit_for_bit() {
     }
 }
 
+/// The CPU-specific builds of the activation quantizers (and the threaded split of a
+/// long input) give exactly the portable results, ties included.
+#[test]
+fn simd_activation_quantization_equals_portable() {
+    let mut rng = Rng(31);
+    let mut x = rng.vec(QK_K * 80);
+    // Exact ties for both roundings: a block whose scale is 1 (Q8_K: max -127) and
+    // halves, and for Q8_0 (d = 127/127 = 1) the same.
+    x[..6].copy_from_slice(&[-127.0, 2.5, 3.5, -2.5, 126.5, 0.5]);
+    x[QK_K..QK_K + 32].fill(0.0);
+    x[2 * QK_K..2 * QK_K + 4].copy_from_slice(&[127.0, 0.5, -0.5, 1.5]);
+    let isa = detect_isa();
+    let (mut a, mut b) = (
+        vec![Q8Block::ZERO; x.len() / QK8],
+        vec![Q8Block::ZERO; x.len() / QK8],
+    );
+    quantize_q8(&x, &mut a);
+    super::quantize_acts(&x, &mut b, QK8, |x, o| super::quantize_q8(isa.avx2, x, o));
+    assert_eq!(a, b);
+    let (mut a, mut b) = (
+        vec![Q8KBlock::ZERO; x.len() / QK_K],
+        vec![Q8KBlock::ZERO; x.len() / QK_K],
+    );
+    quantize_q8k(&x, &mut a);
+    super::quantize_acts(&x, &mut b, QK_K, |x, o| super::quantize_q8k(isa.avx2, x, o));
+    assert_eq!(a, b);
+}
+
 #[test]
 fn q8_k_rounds_ties_to_even_like_ggml() {
     // max = -127 gives iscale = 1 exactly, so each x is its own scaled value.
