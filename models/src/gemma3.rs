@@ -181,9 +181,9 @@ impl Config {
         let value_length = usize_of("attention.value_length")?;
         if config.n_head == 0
             || config.n_kv_head == 0
-            || config.n_head % config.n_kv_head != 0
+            || !config.n_head.is_multiple_of(config.n_kv_head)
             || config.head_dim == 0
-            || config.head_dim % 2 != 0
+            || !config.head_dim.is_multiple_of(2)
             || value_length != config.head_dim
             || config.window == 0
             || config.rope_scale <= 0.0

@@ -232,9 +232,9 @@ impl Config {
         let rope_dims = opt_usize("rope.dimension_count")?.unwrap_or(head_dim);
         if config.n_head == 0
             || config.n_kv_head == 0
-            || config.n_head % config.n_kv_head != 0
+            || !config.n_head.is_multiple_of(config.n_kv_head)
             || config.head_dim == 0
-            || config.head_dim % 2 != 0
+            || !config.head_dim.is_multiple_of(2)
             || value_length != config.head_dim
             || rope_dims != config.head_dim
             // NaN included: only finite positive values make a rotary table.

@@ -681,7 +681,7 @@ async fn load_until_killed(gw: &mut Gateway, key: &str, kill_after: Duration) ->
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             loop {
-                let stream = (n + c) % 3 == 0;
+                let stream = (n + c).is_multiple_of(3);
                 let r = one_request(&client, &url, stream, c * 1_000_000 + n).await;
                 n += 1;
                 let mut o = out.lock().unwrap();

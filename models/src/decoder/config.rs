@@ -103,7 +103,7 @@ pub struct Sliding {
 
 impl Sliding {
     pub fn is_global(&self, layer: usize) -> bool {
-        (layer + 1) % self.pattern == 0
+        (layer + 1).is_multiple_of(self.pattern)
     }
 }
 
@@ -232,9 +232,9 @@ impl Config {
             && self.n_embd > 0
             && self.n_head > 0
             && self.n_kv_head > 0
-            && self.n_head % self.n_kv_head == 0
+            && self.n_head.is_multiple_of(self.n_kv_head)
             && self.head_dim > 0
-            && self.head_dim % 2 == 0
+            && self.head_dim.is_multiple_of(2)
             && self.rope_freq_scale > 0.0
             && self.sliding.is_none_or(|s| s.window > 0);
         match ok {
