@@ -1,26 +1,96 @@
 //! What every model family shares, whatever its forward pass.
 //!
-//! Owns two things the families would otherwise each copy: building the tokenizer,
-//! chat template and embedding check from a GGUF header ([`header_parts`]), and the
+//! Owns three things the families would otherwise each copy: taking a GGUF file
+//! apart into its header, tokenizer and chat template, with the embedding checked
+//! against the vocabulary ([`GgufParts`]); reading candle weights from the file or
+//! from a copy with slow formats requantized ([`read_weights`]); and the
 //! bookkeeping of one sequence in a KV cache ([`Sequence`]). Invariants of
 //! [`Sequence`]: it counts exactly the positions the cache holds; a pass must start
 //! at that count and stay within the context and the vocabulary; a failed or
 //! panicking pass poisons it until [`Sequence::reset`], since the cache is then in an
 //! unknown state.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
 
 use crate::error::{catch_panic, ModelError};
-use crate::gguf::ModelInfo;
+use crate::gguf::{GgufFile, ModelInfo};
+use crate::quant;
 use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
+use crate::LoadOptions;
+
+/// A GGUF file taken apart for a family's `load`: the header as read, and the
+/// tokenizer and chat template built from it.
+pub(crate) struct GgufParts {
+    pub(crate) path: PathBuf,
+    pub(crate) content: Content,
+    pub(crate) info: ModelInfo,
+    pub(crate) tokenizer: Arc<Tokenizer>,
+    pub(crate) template: Arc<ChatTemplate>,
+}
+
+/// `Read + Seek` as one object-safe trait, so a weight loader takes the file and its
+/// requantized copy alike.
+pub(crate) trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
+impl GgufParts {
+    /// Builds the tokenizer and template (`fallback` when the file has none) and
+    /// checks the embedding ([`header_parts`]).
+    pub(crate) fn new(gguf: GgufFile, fallback: &str) -> Result<Self, ModelError> {
+        let GgufFile {
+            path,
+            content,
+            info,
+        } = gguf;
+        let (tokenizer, template) = header_parts(&path, &content, &info, fallback)?;
+        Ok(Self {
+            path,
+            content,
+            info,
+            tokenizer: Arc::new(tokenizer),
+            template: Arc::new(template),
+        })
+    }
+}
+
+/// Reads candle weights with `load`, under `catch_unwind`: from the file, or, when
+/// `options` ask and the file has slow formats, from an in-memory copy with those
+/// requantized to Q8_0 ([`crate::quant`]). A candle error is the file's fault
+/// ([`ModelError::InvalidGguf`]).
+pub(crate) fn read_weights<T>(
+    path: &Path,
+    content: Content,
+    options: &LoadOptions,
+    load: impl FnOnce(Content, &mut dyn ReadSeek) -> candle_core::Result<T>,
+) -> Result<T, ModelError> {
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let invalid = |e: candle_core::Error| ModelError::InvalidGguf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    catch_panic("loading weights", || {
+        let weights = if options.requantize_slow_formats && quant::needs_requantize(&content) {
+            let (content, mut bytes) =
+                quant::requantize_to_q8_0(&content, &mut reader).map_err(invalid)?;
+            load(content, &mut bytes)
+        } else {
+            load(content, &mut reader)
+        };
+        weights.map_err(invalid)
+    })
+}
 
 /// Builds the tokenizer and chat template from a GGUF header, and checks that the
 /// embedding covers the vocabulary (or valid token ids would index out of it during
 /// a forward pass). `fallback` is the template used when the file carries none.
-pub(crate) fn header_parts(
+fn header_parts(
     path: &Path,
     content: &Content,
     info: &ModelInfo,

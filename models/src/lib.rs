@@ -7,6 +7,12 @@
 //! threads, async, HTTP or queues: the local runtime drives a model from its own
 //! engine thread.
 //!
+//! GGUF chat models run on our own CPU decoder ([`DecoderModel`]) unless the options
+//! name a GPU; there `qwen2`, `qwen3` and `gemma3` run on one pass written on candle
+//! tensors ([`TensorDecoder`]) and `llama` on candle's `quantized_llama`
+//! ([`LlamaModel`]). Both of our passes read the metadata through one
+//! [`decoder::Config`].
+//!
 //! Served today: GGUF files with `general.architecture = "llama"` and a byte-level BPE
 //! (`gpt2`) vocabulary, `qwen2` and `qwen3` (byte-level BPE, `qwen2` pre-tokenizer),
 //! `gemma3` with a SentencePiece (`llama`) vocabulary, and safetensors folders whose
@@ -20,14 +26,13 @@ pub mod embedding;
 mod error;
 mod family;
 mod folder;
-pub mod gemma3;
 pub mod gguf;
 pub mod kernels;
 pub mod llama;
 pub mod llama_safetensors;
 pub mod quant;
-pub mod qwen;
 pub mod template;
+pub mod tensor_pass;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -36,12 +41,11 @@ use std::sync::Arc;
 pub use decoder::DecoderModel;
 pub use embedding::{is_embedding_dir, Embedded, EmbeddingInfo, EmbeddingModel, Pooling};
 pub use error::ModelError;
-pub use gemma3::Gemma3Model;
 pub use gguf::{detect_format, GgufFile, ModelFormat, ModelInfo};
 pub use llama::LlamaModel;
 pub use llama_safetensors::{is_llama_dir, LlamaSafetensors};
-pub use qwen::QwenModel;
 pub use template::{ChatMessage, ChatTemplate};
+pub use tensor_pass::TensorDecoder;
 pub use tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
 /// A loaded language model holding one sequence's KV cache.
@@ -196,9 +200,10 @@ pub fn load_with(
                 arch if DecoderModel::supports(arch) && !options.device_is_gpu() => {
                     Ok(Box::new(DecoderModel::load(gguf, options)?))
                 }
+                arch if TensorDecoder::supports(arch) => {
+                    Ok(Box::new(TensorDecoder::load(gguf, options)?))
+                }
                 "llama" => Ok(Box::new(LlamaModel::load(gguf, options)?)),
-                "gemma3" => Ok(Box::new(Gemma3Model::load(gguf, options)?)),
-                "qwen2" | "qwen3" => Ok(Box::new(QwenModel::load(gguf, options)?)),
                 other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
             }
         }

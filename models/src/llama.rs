@@ -1,4 +1,5 @@
-//! Llama-family GGUF models (`general.architecture = "llama"`) on the CPU.
+//! Llama-family GGUF models (`general.architecture = "llama"`) on GPU devices (the
+//! CPU runs [`crate::decoder`]).
 //!
 //! Owns loading the weights with candle-transformers' `quantized_llama` and running
 //! forward passes over one sequence with its KV cache. Invariants:
@@ -11,22 +12,22 @@
 //!   otherwise ([`crate::quant`]);
 //! - the usable context is the file's `context_length` capped at candle's
 //!   `MAX_SEQ_LEN` (4096), the size of its precomputed rotary tables;
+//! - candle's pass ignores `rope_freqs.weight` (Llama 3.1's per-dimension rotary
+//!   factors), which the CPU decoder applies: such files drift from llama.cpp at
+//!   long positions here;
 //! - loading and forward passes run under `catch_unwind`: a candle panic becomes a
 //!   [`ModelError::Panicked`], never a crashed process.
 //!
 //! The checks and bookkeeping shared with other families live in [`crate::family`].
 
-use std::fs::File;
-use std::io::BufReader;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
-use crate::error::{catch_panic, ModelError};
-use crate::family::{header_parts, Sequence};
+use crate::error::ModelError;
+use crate::family::{read_weights, GgufParts, Sequence};
 use crate::gguf::{GgufFile, ModelInfo};
-use crate::quant;
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::tokenizer::Tokenizer;
 use crate::{LanguageModel, LoadOptions};
@@ -54,40 +55,26 @@ impl std::fmt::Debug for LlamaModel {
 impl LlamaModel {
     /// Builds the tokenizer and template from the header, then loads the weights.
     pub fn load(gguf: GgufFile, options: &LoadOptions) -> Result<Self, ModelError> {
-        let GgufFile {
-            path,
-            content,
-            info,
-        } = gguf;
-        let (tokenizer, template) = header_parts(&path, &content, &info, CHATML_TEMPLATE)?;
-
-        let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
-        let mut reader = BufReader::new(file);
-        let invalid = |e: candle_core::Error| ModelError::InvalidGguf {
-            path: path.clone(),
-            reason: e.to_string(),
-        };
+        let header = GgufParts::new(gguf, CHATML_TEMPLATE)?;
         let device = options.device.candle()?;
-        let weights = catch_panic("loading llama weights", || {
-            if options.requantize_slow_formats && quant::needs_requantize(&content) {
-                let (content, mut bytes) =
-                    quant::requantize_to_q8_0(&content, &mut reader).map_err(invalid)?;
-                ModelWeights::from_gguf(content, &mut bytes, &device).map_err(invalid)
-            } else {
-                ModelWeights::from_gguf(content, &mut reader, &device).map_err(invalid)
-            }
-        })?;
-        let max_context = info
+        let weights = read_weights(
+            &header.path,
+            header.content,
+            options,
+            |content, mut reader| ModelWeights::from_gguf(content, &mut reader, &device),
+        )?;
+        let max_context = header
+            .info
             .context_length
             .unwrap_or(MAX_SEQ_LEN)
             .clamp(1, MAX_SEQ_LEN);
         Ok(Self {
             weights,
-            sequence: Sequence::new(max_context, info.vocab_size),
+            sequence: Sequence::new(max_context, header.info.vocab_size),
             device,
-            info,
-            tokenizer: Arc::new(tokenizer),
-            template: Arc::new(template),
+            info: header.info,
+            tokenizer: header.tokenizer,
+            template: header.template,
         })
     }
 }

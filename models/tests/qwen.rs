@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use airlock_models::tokenizer::TokenType;
 use airlock_models::{
     load, load_with, ChatMessage, EncodeOptions, GgufFile, KvCachePrecision, LanguageModel,
-    LoadOptions, ModelError, QwenModel, Tokenizer,
+    LoadOptions, ModelError, TensorDecoder, Tokenizer,
 };
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{Device, Tensor};
@@ -248,16 +248,27 @@ fn prompt(model: &dyn LanguageModel) -> Vec<u32> {
     model.tokenizer().encode(&text, EncodeOptions::PROMPT)
 }
 
-/// Everything a served model must do, for one family.
-fn check_family(shape: &Shape) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), shape, &Tweaks::default());
-    let mut model = load(&path).unwrap();
-    // On the CPU our own decoder serves Qwen (QwenModel is the candle-tensor pass).
+/// `load`'s choice on the CPU: our own decoder.
+fn decoder(path: &Path) -> Box<dyn LanguageModel> {
+    let model = load(path).unwrap();
     assert!(
         format!("{model:?}").starts_with("DecoderModel"),
         "{model:?}"
     );
+    model
+}
+
+/// The candle-tensor pass GPU devices get, here on the CPU.
+fn tensor_pass(path: &Path) -> Box<dyn LanguageModel> {
+    let gguf = GgufFile::open(path).unwrap();
+    Box::new(TensorDecoder::load(gguf, &LoadOptions::default()).unwrap())
+}
+
+/// Everything a served model must do, for one family on one pass (`open`).
+fn check_family(shape: &Shape, open: fn(&Path) -> Box<dyn LanguageModel>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), shape, &Tweaks::default());
+    let mut model = open(&path);
     let info = model.info().clone();
     assert_eq!(info.architecture, shape.arch);
     assert_eq!(model.max_context(), shape.context);
@@ -324,7 +335,7 @@ fn check_family(shape: &Shape) {
         .tokenizer()
         .encode("the world's hello", EncodeOptions::PLAIN);
     let forked = greedy(fork.as_mut(), &other, 4);
-    let mut fresh = load(&path).unwrap();
+    let mut fresh = open(&path);
     assert_eq!(forked, greedy(fresh.as_mut(), &other, 4));
     let next = model.forward(&[first[0]], ids.len()).unwrap();
     fresh.reset();
@@ -345,12 +356,22 @@ fn check_family(shape: &Shape) {
 
 #[test]
 fn qwen2_loads_and_serves() {
-    check_family(&QWEN2);
+    check_family(&QWEN2, decoder);
 }
 
 #[test]
 fn qwen3_loads_and_serves() {
-    check_family(&QWEN3);
+    check_family(&QWEN3, decoder);
+}
+
+#[test]
+fn qwen2_serves_on_the_tensor_pass() {
+    check_family(&QWEN2, tensor_pass);
+}
+
+#[test]
+fn qwen3_serves_on_the_tensor_pass() {
+    check_family(&QWEN3, tensor_pass);
 }
 
 /// candle-transformers' own implementations, the reference.
@@ -390,7 +411,7 @@ impl Reference {
 
 /// Our logits against candle-transformers' on the same file: the prompt in one pass
 /// from position 0, then two decode steps (the one sequence shape both handle
-/// correctly). The candle-tensor pass ([`QwenModel`], used on GPUs) and the CPU
+/// correctly). The candle-tensor pass ([`TensorDecoder`], used on GPUs) and the CPU
 /// decoder ([`load`]'s choice) with a full-precision KV cache must agree to 1e-4.
 /// (With llama.cpp's half-precision cache, the default, the decoder's logits move by
 /// up to ~0.1 on these random weights, which amplify rounding.)
@@ -403,7 +424,7 @@ fn logits_match_candle_transformers() {
             ..Tweaks::default()
         };
         let path = write(dir.path(), &shape, &tweaks);
-        let tensors = QwenModel::load(GgufFile::open(&path).unwrap(), &LoadOptions::default());
+        let tensors = TensorDecoder::load(GgufFile::open(&path).unwrap(), &LoadOptions::default());
         let f32_cache = LoadOptions {
             kv_cache: KvCachePrecision::F32,
             ..LoadOptions::default()
@@ -432,12 +453,48 @@ fn logits_match_candle_transformers() {
     }
 }
 
+/// The tensor pass against the decoder with a full-precision KV cache, on the same
+/// file and the same calls: a prefill split at an odd position (so the second chunk
+/// runs after a cached prefix), then greedy decode steps. Both compute in F32 from the
+/// same weights, so they agree to summation order.
+#[test]
+fn tensor_pass_matches_the_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32_cache = LoadOptions {
+        kv_cache: KvCachePrecision::F32,
+        ..LoadOptions::default()
+    };
+    for shape in [QWEN2, QWEN3] {
+        let path = write(dir.path(), &shape, &Tweaks::default());
+        let mut tensors = tensor_pass(&path);
+        let mut decoder = load_with(&path, &f32_cache).unwrap();
+        let ids = prompt(decoder.as_ref());
+        let split = ids.len() / 2 + 1;
+        let mut next = ids[..split].to_vec();
+        let mut rest = Some(ids[split..].to_vec());
+        for step in 0..8 {
+            let pos = decoder.cached_tokens();
+            let a = tensors.forward(&next, pos).unwrap();
+            let b = decoder.forward(&next, pos).unwrap();
+            let diff = max_diff(&a, &b);
+            assert!(diff < 1e-4, "{} step {step}: differs by {diff}", shape.arch);
+            next = rest.take().unwrap_or_else(|| vec![argmax(&a)]);
+        }
+        assert_eq!(tensors.cached_tokens(), decoder.cached_tokens());
+    }
+}
+
 #[test]
 fn files_the_pass_cannot_run_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let refused = |shape: &Shape, tweaks: Tweaks| -> String {
+    // Both passes: the decoder (`load` on the CPU) and the tensor pass.
+    let both = |path: &Path| -> [ModelError; 2] {
+        let tensors = TensorDecoder::load(GgufFile::open(path).unwrap(), &LoadOptions::default());
+        [load(path).unwrap_err(), tensors.unwrap_err()]
+    };
+    let refused = |shape: &Shape, tweaks: Tweaks| -> [String; 2] {
         let path = write(dir.path(), shape, &tweaks);
-        load(&path).unwrap_err().to_string()
+        both(&path).map(|e| e.to_string())
     };
     // YaRN rope scaling is not implemented.
     let err = refused(
@@ -450,7 +507,10 @@ fn files_the_pass_cannot_run_are_refused() {
             ..Tweaks::default()
         },
     );
-    assert!(err.contains("rope scaling `yarn`"), "{err}");
+    assert!(
+        err.iter().all(|e| e.contains("rope scaling `yarn`")),
+        "{err:?}"
+    );
     // Partial rotary dimensions.
     let err = refused(
         &QWEN3,
@@ -459,7 +519,10 @@ fn files_the_pass_cannot_run_are_refused() {
             ..Tweaks::default()
         },
     );
-    assert!(err.contains("rope dimensions 8"), "{err}");
+    assert!(
+        err.iter().all(|e| e.contains("rope dimensions 8")),
+        "{err:?}"
+    );
     // A family's own tensors are required.
     let err = refused(
         &QWEN2,
@@ -468,7 +531,10 @@ fn files_the_pass_cannot_run_are_refused() {
             ..Tweaks::default()
         },
     );
-    assert!(err.contains("blk.1.attn_k.bias"), "{err}");
+    assert!(
+        err.iter().all(|e| e.contains("blk.1.attn_k.bias")),
+        "{err:?}"
+    );
     let err = refused(
         &QWEN3,
         Tweaks {
@@ -476,7 +542,7 @@ fn files_the_pass_cannot_run_are_refused() {
             ..Tweaks::default()
         },
     );
-    assert!(err.contains("attn_q_norm"), "{err}");
+    assert!(err.iter().all(|e| e.contains("attn_q_norm")), "{err:?}");
     // Heads that do not divide: a metadata error, not a panic.
     let path = write(
         dir.path(),
@@ -486,5 +552,7 @@ fn files_the_pass_cannot_run_are_refused() {
             ..Tweaks::default()
         },
     );
-    assert!(matches!(load(&path), Err(ModelError::Metadata { .. })));
+    for err in both(&path) {
+        assert!(matches!(err, ModelError::Metadata { .. }), "{err}");
+    }
 }

@@ -3,7 +3,9 @@
 //! Owns the per-architecture differences that are data, not code: which rotary
 //! layout, which activation, which optional tensors (biases, per-head norms, post
 //! norms), the attention scale and the sliding-window pattern, each as llama.cpp
-//! builds that architecture's graph. Invariant: a [`Config`] that loads is internally
+//! builds that architecture's graph. Both GGUF passes, the CPU [`crate::decoder`] and
+//! the candle-tensor [`crate::tensor_pass`], read their metadata here and nowhere
+//! else ([`Config::read`]). Invariant: a [`Config`] that loads is internally
 //! consistent (heads divide evenly, the head size is even, the window is non-zero);
 //! anything else is a [`ModelError::Metadata`] at load, never a panic later.
 
@@ -12,6 +14,9 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::Value;
 
 use crate::error::ModelError;
+use crate::family::GgufParts;
+use crate::gguf::GgufFile;
+use crate::template::{CHATML_TEMPLATE, GEMMA_TEMPLATE};
 
 /// The architectures this decoder runs (`general.architecture`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,15 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    /// The chat template used when the file has none: Google's for Gemma, ChatML
+    /// otherwise.
+    pub fn fallback_template(self) -> &'static str {
+        match self {
+            Arch::Gemma3 => GEMMA_TEMPLATE,
+            _ => CHATML_TEMPLATE,
         }
     }
 }
@@ -113,6 +127,17 @@ const GEMMA3_SWA_PATTERN: usize = 6;
 const GEMMA3_SWA_ROPE_BASE: f32 = 10_000.0;
 
 impl Config {
+    /// Takes a GGUF file apart for a pass this config drives: the architecture
+    /// (refused unless [`Arch`] names it), the tokenizer and template
+    /// ([`Arch::fallback_template`] when the file has none), and the config.
+    pub(crate) fn read(gguf: GgufFile) -> Result<(Config, GgufParts), ModelError> {
+        let arch = Arch::from_name(&gguf.info.architecture)
+            .ok_or_else(|| ModelError::UnsupportedArchitecture(gguf.info.architecture.clone()))?;
+        let parts = GgufParts::new(gguf, arch.fallback_template())?;
+        let config = Config::from_metadata(arch, &parts.content.metadata)?;
+        Ok((config, parts))
+    }
+
     pub fn from_metadata(arch: Arch, md: &HashMap<String, Value>) -> Result<Config, ModelError> {
         let prefix = arch.name();
         let key = |suffix: &str| format!("{prefix}.{suffix}");
@@ -235,6 +260,10 @@ impl Config {
             && self.n_head.is_multiple_of(self.n_kv_head)
             && self.head_dim > 0
             && self.head_dim.is_multiple_of(2)
+            // NaN included: only finite positive values make a rotary table.
+            && self.rope_base.is_finite()
+            && self.rope_base > 0.0
+            && self.rope_freq_scale.is_finite()
             && self.rope_freq_scale > 0.0
             && self.sliding.is_none_or(|s| s.window > 0);
         match ok {

@@ -41,10 +41,10 @@ use rayon::prelude::*;
 pub use config::{Activation, Arch, Config, RopeLayout};
 
 use crate::error::{catch_panic, ModelError};
-use crate::family::{header_parts, Sequence};
+use crate::family::Sequence;
 use crate::gguf::{GgufFile, ModelInfo};
 use crate::kernels::QWeight;
-use crate::template::{ChatTemplate, CHATML_TEMPLATE, GEMMA_TEMPLATE};
+use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
 use crate::{KvCachePrecision, LanguageModel, LoadOptions};
 
@@ -130,51 +130,39 @@ impl DecoderModel {
 
     /// Builds the tokenizer and template from the header, then loads the weights.
     pub fn load(gguf: GgufFile, options: &LoadOptions) -> Result<Self, ModelError> {
-        let GgufFile {
-            path,
-            content,
-            info,
-        } = gguf;
-        let arch = Arch::from_name(&info.architecture)
-            .ok_or_else(|| ModelError::UnsupportedArchitecture(info.architecture.clone()))?;
         if options.device.candle()?.is_cuda() {
             return Err(ModelError::Device(
                 "the GGUF decoder runs on the CPU only".to_string(),
             ));
         }
-        let fallback = match arch {
-            Arch::Gemma3 => GEMMA_TEMPLATE,
-            _ => CHATML_TEMPLATE,
-        };
-        let (tokenizer, template) = header_parts(&path, &content, &info, fallback)?;
-        let config = Config::from_metadata(arch, &content.metadata)?;
+        let (config, header) = Config::read(gguf)?;
+        let (path, info) = (&header.path, &header.info);
         let max_context = config
             .context_length
             .or(info.context_length)
             .unwrap_or(4096)
             .clamp(1, MAX_CONTEXT);
-        let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let mut reader = BufReader::new(file);
         let weights = catch_panic("loading weights", || {
-            Weights::load(&path, &content, &mut reader, config, options.kv_cache)
+            Weights::load(path, &header.content, &mut reader, config, options.kv_cache)
         })?;
         if weights.vocab < info.vocab_size {
             return Err(ModelError::InvalidGguf {
-                path,
+                path: path.clone(),
                 reason: format!(
                     "the output projection has {} rows for a vocabulary of {}",
                     weights.vocab, info.vocab_size
                 ),
             });
         }
-        let n_layer = weights.layers.len();
         Ok(Self {
+            cache: vec![LayerCache::default(); weights.layers.len()],
             weights: Arc::new(weights),
-            cache: vec![LayerCache::default(); n_layer],
             sequence: Sequence::new(max_context, info.vocab_size),
-            info,
-            tokenizer: Arc::new(tokenizer),
-            template: Arc::new(template),
+            info: header.info,
+            tokenizer: header.tokenizer,
+            template: header.template,
         })
     }
 
