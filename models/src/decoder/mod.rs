@@ -405,9 +405,15 @@ impl Weights {
             for (x, h) in s.x.chunks_exact(e).zip(s.h.chunks_exact_mut(e)) {
                 ops::rms_norm(x, &layer.attn_norm, c.eps, h);
             }
-            layer.wq.matmul(&s.h, m, &mut s.q);
-            layer.wk.matmul(&s.h, m, &mut s.k);
-            layer.wv.matmul(&s.h, m, &mut s.v);
+            QWeight::matmul_many(
+                &s.h,
+                m,
+                &mut [
+                    (&layer.wq, &mut s.q),
+                    (&layer.wk, &mut s.k),
+                    (&layer.wv, &mut s.v),
+                ],
+            );
             add_bias(&mut s.q, layer.bq.as_deref());
             add_bias(&mut s.k, layer.bk.as_deref());
             add_bias(&mut s.v, layer.bv.as_deref());
@@ -437,8 +443,11 @@ impl Weights {
                 let n = seq.tokens.len();
                 lc.k.truncate(seq.pos * kvw);
                 lc.v.truncate(seq.pos * kvw);
-                lc.k.extend(s.k[r * kvw..(r + n) * kvw].iter().map(|&v| self.store(v)));
-                lc.v.extend(s.v[r * kvw..(r + n) * kvw].iter().map(|&v| self.store(v)));
+                let start = lc.k.len();
+                lc.k.extend_from_slice(&s.k[r * kvw..(r + n) * kvw]);
+                lc.v.extend_from_slice(&s.v[r * kvw..(r + n) * kvw]);
+                self.store(&mut lc.k[start..]);
+                self.store(&mut lc.v[start..]);
                 r += n;
             }
             self.attention(li, seqs, &rows_seq, &rows_pos, &s.q, &mut s.att);
@@ -452,8 +461,11 @@ impl Weights {
             for (x, h) in s.x.chunks_exact(e).zip(s.h.chunks_exact_mut(e)) {
                 ops::rms_norm(x, &layer.ffn_norm, c.eps, h);
             }
-            layer.gate.matmul(&s.h, m, &mut s.gate);
-            layer.up.matmul(&s.h, m, &mut s.up);
+            QWeight::matmul_many(
+                &s.h,
+                m,
+                &mut [(&layer.gate, &mut s.gate), (&layer.up, &mut s.up)],
+            );
             match c.activation {
                 Activation::Silu => ops::swiglu(&mut s.gate, &s.up),
                 Activation::GeluTanh => ops::geglu(&mut s.gate, &s.up),
@@ -483,11 +495,10 @@ impl Weights {
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
-    /// A value as the KV cache keeps it.
-    fn store(&self, v: f32) -> f32 {
-        match self.kv {
-            KvCachePrecision::F16 => ops::round_f16(v),
-            KvCachePrecision::F32 => v,
+    /// Values as the KV cache keeps them.
+    fn store(&self, values: &mut [f32]) {
+        if self.kv == KvCachePrecision::F16 {
+            crate::kernels::vector::round_to_f16(values);
         }
     }
 

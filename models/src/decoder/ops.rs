@@ -11,7 +11,11 @@
 //! Invariants: no function allocates except [`RopeTable::new`]; slice lengths are the
 //! caller's contract (checked with `debug_assert!`).
 
+use std::sync::OnceLock;
+
 use half::f16;
+
+use crate::kernels::vector;
 
 use super::config::RopeLayout;
 
@@ -44,11 +48,9 @@ pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// SiLU-gated product `out = silu(gate) * up` (ggml `swiglu`).
+/// SiLU-gated product `out = silu(gate) * up` (ggml `swiglu`, its vectorised `expf`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    vector::swiglu(gate, up)
 }
 
 fn gelu_f32(x: f32) -> f32 {
@@ -57,10 +59,22 @@ fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
 }
 
+/// ggml's `ggml_table_gelu_f16`: GELU of every half-precision value, in half
+/// precision, indexed by its bits.
+fn gelu_table() -> &'static [u16] {
+    static TABLE: OnceLock<Vec<u16>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| f16::from_f32(gelu_f32(f16::from_bits(bits).to_f32())).to_bits())
+            .collect()
+    })
+}
+
 /// GELU (tanh)-gated product `out = gelu(gate) * up` (ggml `geglu`): inside
-/// (-10, 10) the input is rounded to half precision and the result read back as half
-/// precision, as ggml's lookup table does.
+/// (-10, 10) the input is rounded to half precision and looked up in ggml's table of
+/// half-precision results.
 pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_table();
     for (g, &u) in gate.iter_mut().zip(up) {
         let x = *g;
         let y = if x <= -10.0 {
@@ -68,7 +82,7 @@ pub fn geglu(gate: &mut [f32], up: &[f32]) {
         } else if x >= 10.0 {
             x
         } else {
-            round_f16(gelu_f32(round_f16(x)))
+            f16::from_bits(table[usize::from(f16::from_f32(x).to_bits())]).to_f32()
         };
         *g = y * u;
     }
@@ -148,32 +162,13 @@ pub fn softmax(scores: &mut [f32]) {
     }
 }
 
-/// Dot product of two equal-length slices with eight partial sums (vectorizes).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in ar.iter().zip(br) {
-        sum += x * y;
-    }
-    sum
-}
-
 /// One query head attending over the cached keys and values.
 ///
 /// With `half`, the query and the attention weights are rounded to half precision
 /// (the keys and values were when cached), as llama.cpp's `mul_mat` over an F16 KV
-/// cache does. `q` is the head's query, `keys`/`values` hold
-/// `n` rows of `stride` values whose `offset..offset + head_dim` slice belongs to
-/// this head; `scores` is scratch of at least `n`. The output is written to `out`.
+/// cache does. `q` is the head's query, `keys`/`values` hold `n` rows of `stride`
+/// values whose `offset..offset + head_dim` slice belongs to this head; `scores` is
+/// scratch of at least `n`, `q16` of `head_dim`. The output is written to `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &[f32],
@@ -188,26 +183,15 @@ pub fn attend(
     q16: &mut [f32],
     out: &mut [f32],
 ) {
-    let head_dim = q.len();
-    let round = |v: f32| if half { round_f16(v) } else { v };
-    for (d, &v) in q16.iter_mut().zip(q) {
-        *d = round(v);
+    q16.copy_from_slice(q);
+    if half {
+        vector::round_to_f16(q16);
     }
     let scores = &mut scores[..n];
-    for (t, s) in scores.iter_mut().enumerate() {
-        let k = &keys[t * stride + offset..t * stride + offset + head_dim];
-        *s = dot(q16, k) * kq_scale;
-    }
+    vector::attention_scores(q16, keys, stride, offset, kq_scale, scores);
     softmax(scores);
-    out.fill(0.0);
-    for (t, &p) in scores.iter().enumerate() {
-        let p = round(p);
-        if p == 0.0 {
-            continue;
-        }
-        let v = &values[t * stride + offset..t * stride + offset + head_dim];
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += p * x;
-        }
+    if half {
+        vector::round_to_f16(scores);
     }
+    vector::weighted_sum(scores, values, stride, offset, out);
 }

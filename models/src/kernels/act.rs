@@ -1,11 +1,14 @@
 //! Activation quantization: one row of f32 activations into the block format that
 //! ggml pairs with the weight type (its `vec_dot_type`).
 //!
-//! Owns the formulas, which follow ggml's reference code (`ggml-quants.c`) exactly:
-//! - Q8_0 / Q8_1 (`quantize_row_q8_0_ref`, `quantize_row_q8_1_ref`): per 32 values,
-//!   `d = amax / 127`, `q = roundf(x * (1 / d))` (ties away from zero), `d` stored as
-//!   f16; Q8_1 also stores `s = f16(d * sum(q))` with the unrounded `d`.
-//! - Q8_K (`quantize_row_q8_K_ref`): per 256 values, `iscale = -127 / max` where `max`
+//! Owns the formulas, which follow the code llama.cpp runs on x86 CPUs:
+//! - Q8_0 / Q8_1 (ggml-cpu's x86 `quantize_row_q8_0` / `quantize_row_q8_1`): per 32
+//!   values, `d = amax / 127`, `q = round(x * (127 / amax))` with ties to even
+//!   (`_mm256_round_ps(.., _MM_ROUND_NEAREST)`), `d` stored as f16; Q8_1 also stores
+//!   `s = f16(d * sum(q))` with the unrounded `d`. (ggml's reference C,
+//!   `quantize_row_q8_0_ref`, which candle follows, multiplies by `1 / d` and rounds
+//!   ties away from zero: a quant can differ by one on a near-tie.)
+//! - Q8_K (`quantize_row_q8_K_ref`, which ggml's x86 build also runs): per 256 values, `iscale = -127 / max` where `max`
 //!   is the signed value of largest magnitude (the first one on ties),
 //!   `q = min(127, nearest_int(iscale * x))` (ties to even), `d = 1 / iscale` as f32,
 //!   and `bsums` the sums of each 16 quants.
@@ -19,9 +22,6 @@
 //! kernel multiplies exactly what ggml multiplies, without converting per block);
 //! [`Q8Block::sum`] is the exact integer sum of `qs`. Q8_0 and Q8_1 blocks have the
 //! same `d` and `qs` (ggml computes them identically), so one block type serves both.
-//! ggml's AVX2 build of `quantize_row_q8_0`/`q8_1` uses `127 / amax` and rounds ties
-//! to even, so on an exact tie (rare with real activations) llama.cpp's x86 build can
-//! differ from its own reference code by one quantum; we follow the reference.
 
 use half::f16;
 
@@ -66,13 +66,15 @@ pub(crate) fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
     debug_assert_eq!(x.len(), out.len() * QK8);
     for (xs, block) in x.chunks_exact(QK8).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        // As ggml's x86 `quantize_row_q8_0`/`_q8_1` (the code llama.cpp runs on these
+        // CPUs, not its reference C): the inverse scale is 127 / amax and the products
+        // round to nearest, ties to even (`_mm256_round_ps(.., _MM_ROUND_NEAREST)`).
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in block.qs.iter_mut().zip(xs) {
-            // |v * id| <= 127 (up to rounding of `id`), so the cast never saturates
-            // beyond what ggml's `(int8_t)roundf(..)` does.
-            *q = (v * id).round() as i8;
+            // |v * id| <= 127 (up to rounding of `id`), so the cast never saturates.
+            *q = (v * id).round_ties_even() as i8;
             sum += i32::from(*q);
         }
         block.d = f16_round(d);

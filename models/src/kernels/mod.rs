@@ -4,7 +4,9 @@
 //! Owns [`QWeight`] and the path from f32 activations to f32 outputs:
 //! 1. the activations are quantized once per call, per row, into ggml's `vec_dot_type`
 //!    for the weight format (`act.rs`): Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1,
-//!    Q8_K for the K formats, f16-rounded f32 for F16, plain f32 for F32;
+//!    Q8_K for the K formats, f16-rounded f32 for F16, plain f32 for F32
+//!    ([`QWeight::matmul_many`] shares one quantization between the weights that read
+//!    the same activations);
 //! 2. each weight row is dotted with the activation rows block by block as ggml's
 //!    `ggml_vec_dot_*` does: integer products summed exactly, scaled once per block
 //!    (`scalar.rs` portable, `avx2.rs` AVX2+FMA+F16C, `avx512.rs` AVX-512 VNNI, the
@@ -29,6 +31,9 @@
 //! slice lengths in [`QWeight::matmul`] / [`QWeight::dequantize_row`] are programming
 //! errors and panic with a message; malformed tensors are refused with an error at
 //! construction.
+//!
+//! `vector.rs` holds the other f32 loops of a forward pass (attention, half-precision
+//! rounding, SiLU), compiled for AVX2 where the CPU has it.
 
 mod act;
 #[cfg(target_arch = "x86_64")]
@@ -40,6 +45,7 @@ mod pack;
 mod scalar;
 #[cfg(test)]
 mod tests;
+pub mod vector;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -358,6 +364,62 @@ impl QWeight {
                     |w, a, o| group_32(isa, dtype, w, a, o),
                 );
                 Q8_BUF.with(|b| b.replace(q));
+            }
+        }
+    }
+
+    /// Several matmuls of the same activations (`x`, `m` rows) into their own
+    /// outputs, quantizing the activations once per `vec_dot_type` rather than once
+    /// per weight (Q, K and V projections; gate and up). Each result is exactly what
+    /// [`QWeight::matmul`] gives.
+    ///
+    /// # Panics
+    /// As [`QWeight::matmul`], for any of the jobs.
+    pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(&QWeight, &mut [f32])]) {
+        let isa = detect_isa();
+        let simd = isa.avx2;
+        let mut q8: Option<Vec<Q8Block>> = None;
+        let mut q8k: Option<Vec<Q8KBlock>> = None;
+        for (w, out) in jobs.iter_mut() {
+            let (w, out): (&QWeight, &mut [f32]) = (w, out);
+            let k_format = matches!(
+                w.dtype,
+                GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+            );
+            let plain = matches!(w.dtype, GgmlDType::F32 | GgmlDType::F16);
+            let shaped = x.len() == m * w.cols && out.len() == m * w.rows;
+            if plain || !shaped || m == 0 || w.rows == 0 || (w.packed && isa.avx512.is_none()) {
+                // The general path (and its length check).
+                w.matmul_with(x, m, out, isa);
+                continue;
+            }
+            let dtype = w.dtype;
+            if k_format {
+                let q = q8k.get_or_insert_with(|| {
+                    let mut q = vec![Q8KBlock::ZERO; x.len() / QK_K];
+                    quantize_acts(x, &mut q, QK_K, |x, o| quantize_q8k(simd, x, o));
+                    q
+                });
+                w.drive(
+                    q,
+                    w.cols / QK_K,
+                    out,
+                    |wr, a, o| dot_k(simd, dtype, wr, a, o),
+                    |wr, a, o| group_k(isa, dtype, wr, a, o),
+                );
+            } else {
+                let q = q8.get_or_insert_with(|| {
+                    let mut q = vec![Q8Block::ZERO; x.len() / QK8];
+                    quantize_acts(x, &mut q, QK8, |x, o| quantize_q8(simd, x, o));
+                    q
+                });
+                w.drive(
+                    q,
+                    w.cols / QK8,
+                    out,
+                    |wr, a, o| dot_32(simd, dtype, wr, a, o),
+                    |wr, a, o| group_32(isa, dtype, wr, a, o),
+                );
             }
         }
     }
