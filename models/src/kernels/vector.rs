@@ -95,27 +95,79 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// Four dot products of `q` with four keys at once: independent FMA chains, so the
+/// loop runs at throughput rather than latency.
+#[inline(always)]
+fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+    let mut acc = [[0f32; 8]; 4];
+    let d = q.len() / 8 * 8;
+    let mut i = 0;
+    while i < d {
+        for (j, kj) in k.iter().enumerate() {
+            for l in 0..8 {
+                acc[j][l] = q[i + l].mul_add(kj[i + l], acc[j][l]);
+            }
+        }
+        i += 8;
+    }
+    let mut out = [0f32; 4];
+    for j in 0..4 {
+        let mut s: f32 = acc[j].iter().sum();
+        for l in d..q.len() {
+            s = q[l].mul_add(k[j][l], s);
+        }
+        out[j] = s;
+    }
+    out
+}
+
 #[inline(always)]
 fn scores(q: &[f32], keys: &[f32], stride: usize, offset: usize, scale: f32, out: &mut [f32]) {
     let d = q.len();
-    for (t, s) in out.iter_mut().enumerate() {
-        let k = &keys[t * stride + offset..t * stride + offset + d];
-        *s = dot(q, k) * scale;
+    let key = |t: usize| &keys[t * stride + offset..t * stride + offset + d];
+    let n = out.len();
+    let mut t = 0;
+    while t + 4 <= n {
+        let s = dot4(q, [key(t), key(t + 1), key(t + 2), key(t + 3)]);
+        for j in 0..4 {
+            out[t + j] = s[j] * scale;
+        }
+        t += 4;
+    }
+    while t < n {
+        out[t] = dot(q, key(t)) * scale;
+        t += 1;
     }
 }
 
 #[inline(always)]
 fn weighted(p: &[f32], values: &[f32], stride: usize, offset: usize, out: &mut [f32]) {
     let d = out.len();
+    let value = |t: usize| &values[t * stride + offset..t * stride + offset + d];
     out.fill(0.0);
-    for (t, &w) in p.iter().enumerate() {
-        if w == 0.0 {
-            continue;
+    let n = p.len();
+    let mut t = 0;
+    // Four positions per pass over `out`: a quarter of the loads and stores.
+    while t + 4 <= n {
+        let (w, v) = (
+            [p[t], p[t + 1], p[t + 2], p[t + 3]],
+            [value(t), value(t + 1), value(t + 2), value(t + 3)],
+        );
+        for (i, o) in out.iter_mut().enumerate() {
+            let mut acc = *o;
+            for j in 0..4 {
+                acc = w[j].mul_add(v[j][i], acc);
+            }
+            *o = acc;
         }
-        let v = &values[t * stride + offset..t * stride + offset + d];
+        t += 4;
+    }
+    while t < n {
+        let (w, v) = (p[t], value(t));
         for (o, &x) in out.iter_mut().zip(v) {
             *o = w.mul_add(x, *o);
         }
+        t += 1;
     }
 }
 
