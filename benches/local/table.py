@@ -98,8 +98,8 @@ def main():
         print(f"\nNote: {n}")
     if llama.get("concurrency"):
         print(f"\nllama.cpp concurrency: {llama['concurrency']}. Airlock: N requests submitted at once "
-              "to one engine with max_batch = N: each on its own KV cache, stepped in turn "
-              "(interleaved, not yet one batched forward pass).")
+              "to one engine with max_batch = N: each on its own KV cache, all of them run "
+              "in one batched forward pass per step (continuous batching).")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 //! batch 1 and batch 32. What is measured, and how many times, is `data/plan.json`,
 //! shared with the Python baseline; the prompt text and the sentences are `data/`.
 //!
-//! Threads: candle's CPU kernels run on rayon's global pool, sized by
+//! Threads: our kernels (and candle's, for MiniLM) run on rayon's global pool, sized by
 //! `RAYON_NUM_THREADS`; it is set to `--threads` before any model work (or must
 //! already equal it). A model that does not load (e.g. an architecture not served yet)
 //! is reported as skipped, not as a failure of the run.
@@ -142,7 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         "threads": cli.threads,
         "rayon_num_threads": std::env::var("RAYON_NUM_THREADS").ok(),
         "candle_threads": candle_core::utils::get_num_threads(),
-        "load_options": "default (requantize_slow_formats = true: Q4_1/Q5_x become Q8_0)",
+        "load_options": "default (GGUF chat models on airlock-models' decoder and kernels, F16 KV cache)",
         "plan_name": plan_name,
         "chat": chat,
         "embedding": embedding,
