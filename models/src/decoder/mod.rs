@@ -56,7 +56,7 @@ pub const MAX_CONTEXT: usize = 32_768;
 
 /// Attention work (query heads x visible keys, summed over rows) above which a pass
 /// spreads attention over threads.
-const PARALLEL_ATTENTION_WORK: usize = 16_384;
+const PARALLEL_ATTENTION_WORK: usize = 2_048;
 
 /// One transformer block's weights.
 struct Layer {
@@ -94,12 +94,13 @@ pub struct Weights {
     kv: KvCachePrecision,
 }
 
-/// Keys and values of one layer, `kv_width` values per position, already rounded to
-/// half precision.
+/// Keys and values of one layer: per KV head, `head_dim` values per position,
+/// position after position (so a head's attention reads one contiguous run), already
+/// rounded as the cache precision says.
 #[derive(Clone, Default)]
 struct LayerCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
 }
 
 /// A decoder-only GGUF model: shared weights and this handle's KV cache.
@@ -187,8 +188,8 @@ impl LanguageModel for DecoderModel {
 
     fn reset(&mut self) {
         for layer in &mut self.cache {
-            layer.k.clear();
-            layer.v.clear();
+            layer.k.iter_mut().for_each(Vec::clear);
+            layer.v.iter_mut().for_each(Vec::clear);
         }
         self.sequence.reset();
     }
@@ -441,13 +442,19 @@ impl Weights {
             for seq in seqs.iter_mut() {
                 let lc = &mut seq.cache[li];
                 let n = seq.tokens.len();
-                lc.k.truncate(seq.pos * kvw);
-                lc.v.truncate(seq.pos * kvw);
-                let start = lc.k.len();
-                lc.k.extend_from_slice(&s.k[r * kvw..(r + n) * kvw]);
-                lc.v.extend_from_slice(&s.v[r * kvw..(r + n) * kvw]);
-                self.store(&mut lc.k[start..]);
-                self.store(&mut lc.v[start..]);
+                lc.k.resize_with(c.n_kv_head, Vec::new);
+                lc.v.resize_with(c.n_kv_head, Vec::new);
+                for (g, (kh, vh)) in lc.k.iter_mut().zip(lc.v.iter_mut()).enumerate() {
+                    kh.truncate(seq.pos * hd);
+                    vh.truncate(seq.pos * hd);
+                    for row in r..r + n {
+                        let at = row * kvw + g * hd;
+                        kh.extend_from_slice(&s.k[at..at + hd]);
+                        vh.extend_from_slice(&s.v[at..at + hd]);
+                    }
+                    self.store(&mut kh[seq.pos * hd..]);
+                    self.store(&mut vh[seq.pos * hd..]);
+                }
                 r += n;
             }
             self.attention(li, seqs, &rows_seq, &rows_pos, &s.q, &mut s.att);
@@ -522,49 +529,47 @@ impl Weights {
     ) {
         let c = &self.config;
         let layer = &self.layers[li];
-        let (qw, kvw, hd, group) = (c.q_width(), c.kv_width(), c.head_dim, c.group());
+        let (qw, hd, group) = (c.q_width(), c.head_dim, c.group());
         let first_visible = |p: usize| match layer.window {
             Some(w) => (p + 1).saturating_sub(w),
             None => 0,
         };
-        let row = |r: usize, out: &mut [f32], scores: &mut Vec<f32>, q16: &mut [f32]| {
+        // One item: query head `h` of row `r`, over its KV head's contiguous run.
+        let head = |i: usize, out: &mut [f32], scores: &mut Vec<f32>, q16: &mut [f32]| {
+            let (r, h) = (i / c.n_head, i % c.n_head);
             let p = rows_pos[r];
             let lo = first_visible(p);
             let n = p + 1 - lo;
             let cache = &seqs[rows_seq[r]].cache[li];
+            let g = h / group;
             scores.resize(n, 0.0);
-            let keys = &cache.k[lo * kvw..(p + 1) * kvw];
-            let values = &cache.v[lo * kvw..(p + 1) * kvw];
-            for h in 0..c.n_head {
-                let offset = (h / group) * hd;
-                ops::attend(
-                    &q[r * qw + h * hd..r * qw + (h + 1) * hd],
-                    keys,
-                    values,
-                    kvw,
-                    offset,
-                    n,
-                    c.kq_scale,
-                    self.kv == KvCachePrecision::F16,
-                    scores,
-                    q16,
-                    &mut out[h * hd..(h + 1) * hd],
-                );
-            }
+            ops::attend(
+                &q[r * qw + h * hd..r * qw + (h + 1) * hd],
+                &cache.k[g][lo * hd..(p + 1) * hd],
+                &cache.v[g][lo * hd..(p + 1) * hd],
+                hd,
+                0,
+                n,
+                c.kq_scale,
+                self.kv == KvCachePrecision::F16,
+                scores,
+                q16,
+                out,
+            );
         };
         let work: usize = rows_pos
             .iter()
             .map(|&p| (p + 1 - first_visible(p)) * c.n_head)
             .sum();
-        if work >= PARALLEL_ATTENTION_WORK && rows_pos.len() > 1 {
-            att.par_chunks_exact_mut(qw).enumerate().for_each_init(
+        if work >= PARALLEL_ATTENTION_WORK && rows_pos.len() * c.n_head > 1 {
+            att.par_chunks_exact_mut(hd).enumerate().for_each_init(
                 || (Vec::new(), vec![0.0; hd]),
-                |(scores, q16), (r, out)| row(r, out, scores, q16),
+                |(scores, q16), (i, out)| head(i, out, scores, q16),
             );
         } else {
             let (mut scores, mut q16) = (Vec::new(), vec![0.0; hd]);
-            for (r, out) in att.chunks_exact_mut(qw).enumerate() {
-                row(r, out, &mut scores, &mut q16);
+            for (i, out) in att.chunks_exact_mut(hd).enumerate() {
+                head(i, out, &mut scores, &mut q16);
             }
         }
     }
