@@ -13,10 +13,9 @@
 //!   `q = min(127, nearest_int(iscale * x))` (ties to even), `d = 1 / iscale` as f32,
 //!   and `bsums` the sums of each 16 quants.
 //!
-//! The functions here are the portable reference; `avx2.rs` compiles the same code
-//! for AVX2 machines (rounding instructions inline instead of libm calls) and
-//! `mod.rs` splits long inputs (prefill) over rayon's pool in whole blocks, both
-//! bit-identical to these.
+//! The functions here are the portable reference; `avx2.rs` has hand-written AVX2
+//! twins of both and `mod.rs` splits long inputs (prefill) over rayon's pool in whole
+//! blocks, all bit-identical to these (tested).
 //!
 //! Invariants: [`Q8Block::d`] and [`Q8Block::s`] hold f16 values widened to f32 (so a
 //! kernel multiplies exactly what ggml multiplies, without converting per block);
