@@ -30,7 +30,7 @@ use serde_json::json;
 pub struct MockOptions {
     pub listen: String,
     /// Content chunks per SSE answer (plus a role chunk, a finish chunk and, when asked,
-    /// a usage chunk).
+    /// a usage chunk; then, as OpenAI does, every other chunk ends with `"usage":null`).
     pub chunks: usize,
     /// Default delay before the response head, for paths without a `/d<ms>/` prefix.
     pub delay_ms: u64,
@@ -39,6 +39,8 @@ pub struct MockOptions {
 struct Canned {
     json: Bytes,
     sse: Vec<Bytes>,
+    /// `sse` as OpenAI sends it when usage is asked for: `"usage":null` in every chunk.
+    sse_null_usage: Vec<Bytes>,
     sse_usage: Bytes,
     models: Bytes,
     not_found: Bytes,
@@ -89,6 +91,13 @@ fn canned(chunks: usize) -> anyhow::Result<Canned> {
             serde_json::to_string(&v)?
         )))
     };
+    // OpenAI's order puts `usage` last (json! sorts keys, so it lands last here too).
+    let null_usage = |frame: &Bytes| -> Bytes {
+        let text = String::from_utf8_lossy(frame);
+        let json = text.trim_start_matches("data: ").trim_end();
+        let cut = json.strip_suffix('}').unwrap_or(json);
+        Bytes::from(format!("data: {cut},\"usage\":null}}\n\n"))
+    };
     let words: Vec<&str> = ANSWER.split(' ').collect();
     let mut sse = vec![chunk(
         json!({"role": "assistant", "content": "", "refusal": null}),
@@ -121,6 +130,7 @@ fn canned(chunks: usize) -> anyhow::Result<Canned> {
         "code": "unknown_url", "param": null}});
     Ok(Canned {
         json: Bytes::from(serde_json::to_vec(&json_body)?),
+        sse_null_usage: sse.iter().map(null_usage).collect(),
         sse,
         sse_usage: Bytes::from(format!("data: {}\n\n", serde_json::to_string(&usage)?)),
         models: Bytes::from(serde_json::to_vec(&models)?),
@@ -185,10 +195,14 @@ async fn handle(
     if parts.method == Method::POST && path.ends_with("/chat/completions") {
         let stream = contains(&body, b"\"stream\":true") || contains(&body, b"\"stream\": true");
         if stream {
-            let mut frames: VecDeque<Bytes> = canned.sse.iter().cloned().collect();
-            if contains(&body, b"\"include_usage\":true")
-                || contains(&body, b"\"include_usage\": true")
-            {
+            let usage = contains(&body, b"\"include_usage\":true")
+                || contains(&body, b"\"include_usage\": true");
+            let mut frames: VecDeque<Bytes> = if usage {
+                canned.sse_null_usage.iter().cloned().collect()
+            } else {
+                canned.sse.iter().cloned().collect()
+            };
+            if usage {
                 frames.push_back(canned.sse_usage.clone());
             }
             frames.push_back(Bytes::from_static(b"data: [DONE]\n\n"));

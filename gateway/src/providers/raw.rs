@@ -10,8 +10,10 @@
 //!
 //! Invariants:
 //! - The bytes reach the client unchanged, except that a chunk whose `usage` the client
-//!   did not ask for is re-serialized without it ([`ChatChunk::strip_usage`]), as the
-//!   typed path does.
+//!   did not ask for loses it ([`ChatChunk::strip_usage`]), as on the typed path. The
+//!   common case, OpenAI's `,"usage":null` as the object's last member (every chunk but
+//!   the last once usage is asked for, which the gateway always does), is cut out of the
+//!   bytes; any other placement is re-serialized from the typed chunk.
 //! - Usage read here is the upstream's own count (`prompt_tokens`, `completion_tokens`,
 //!   `total_tokens`); the detail objects stay in the forwarded bytes only.
 
@@ -80,13 +82,17 @@ impl ChatChunk {
         }
     }
 
-    /// Drops `usage` from the chunk. A raw chunk that has a `usage` key (even `null`) is
-    /// parsed into the typed chunk and re-serialized without it; one that does not parse
-    /// as a typed chunk is left as it is.
+    /// Drops `usage` from the chunk. A raw chunk whose last member is `"usage":null` has
+    /// it cut from its bytes; one with a `usage` key anywhere else is parsed into the
+    /// typed chunk and re-serialized without it; one that does not parse as a typed
+    /// chunk is left as it is.
     pub fn strip_usage(&mut self) {
         match self {
             ChatChunk::Typed(c) => c.usage = None,
             ChatChunk::Raw(c) if c.usage_key => {
+                if c.usage.is_none() && c.cut_null_usage() {
+                    return;
+                }
                 if let Ok(mut typed) = serde_json::from_slice::<ChatCompletionChunk>(&c.json) {
                     typed.usage = None;
                     *self = ChatChunk::Typed(typed);
@@ -124,6 +130,46 @@ impl RawChunk {
             has_choices: shape.choices.0 > 0,
             json,
         })
+    }
+
+    /// Cuts a trailing `,"usage":null` member (JSON whitespace allowed between tokens)
+    /// out of the bytes; false, changing nothing, when the object does not end so.
+    ///
+    /// Sound on a checked chunk: the object parsed with a top-level `usage` of `null`
+    /// (serde refuses duplicate keys), and bytes ending `, "usage" : null }` can only be
+    /// that member: the `}` closes the top-level object, `null` is its last value, and the
+    /// quote after the comma is not escaped, so it opens the key `usage`.
+    fn cut_null_usage(&mut self) -> bool {
+        let b = &self.json[..];
+        let mut i = b.len();
+        let expect = |token: &[u8], i: &mut usize| -> bool {
+            while *i > 0 && matches!(b[*i - 1], b' ' | b'\t' | b'\n' | b'\r') {
+                *i -= 1;
+            }
+            if b[..*i].ends_with(token) {
+                *i -= token.len();
+                true
+            } else {
+                false
+            }
+        };
+        if !expect(b"}", &mut i) {
+            return false;
+        }
+        let close = i;
+        if !(expect(b"null", &mut i)
+            && expect(b":", &mut i)
+            && expect(b"\"usage\"", &mut i)
+            && expect(b",", &mut i))
+        {
+            return false;
+        }
+        let mut cut = Vec::with_capacity(b.len() - (close - i));
+        cut.extend_from_slice(&b[..i]);
+        cut.extend_from_slice(&b[close..]);
+        self.json = Bytes::from(cut);
+        self.usage_key = false;
+        true
     }
 }
 
@@ -296,6 +342,93 @@ mod tests {
         }
     }
 
+    /// A stream as OpenAI sends it when usage is asked for (what the gateway always
+    /// asks), and the same stream as OpenAI sends it to a client that did not ask: the
+    /// same bytes without the `,"usage":null` member and without the usage chunk.
+    const OPENAI_WITH_USAGE: &str = r#"data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[{"index":0,"delta":{"content":"The \"usage\":null}"},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[{"index":0,"delta":{"content":" answer"},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null}
+
+data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}
+
+data: [DONE]
+
+"#;
+
+    const OPENAI_WITHOUT_USAGE: &str = r#"data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[{"index":0,"delta":{"content":"The \"usage\":null}"},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[{"index":0,"delta":{"content":" answer"},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}
+
+data: [DONE]
+
+"#;
+
+    #[test]
+    fn an_openai_stream_without_asked_usage_is_openais_own_bytes() {
+        let mut out = String::new();
+        let mut usage = None;
+        for event in OPENAI_WITH_USAGE.split("\n\n").filter(|e| !e.is_empty()) {
+            let data = event.strip_prefix("data: ").unwrap();
+            if data == "[DONE]" {
+                out.push_str("data: [DONE]\n\n");
+                continue;
+            }
+            let mut chunk =
+                ChatChunk::Raw(RawChunk::parse(Bytes::copy_from_slice(data.as_bytes())).unwrap());
+            if let Some(u) = chunk.usage() {
+                usage = Some(u.total_tokens);
+            }
+            // What the SSE writer does for a client that did not ask for usage.
+            if chunk.is_usage_only() {
+                continue;
+            }
+            chunk.strip_usage();
+            let ChatChunk::Raw(c) = &chunk else {
+                panic!("OpenAI's chunks stay raw bytes: {data}")
+            };
+            out.push_str("data: ");
+            out.push_str(std::str::from_utf8(&c.json).unwrap());
+            out.push_str("\n\n");
+        }
+        assert_eq!(out, OPENAI_WITHOUT_USAGE);
+        assert_eq!(usage, Some(12));
+    }
+
+    #[test]
+    fn a_trailing_null_usage_is_cut_only_when_it_is_the_last_member() {
+        let cut = |json: &'static [u8]| {
+            let mut c = RawChunk::parse(Bytes::from_static(json)).unwrap();
+            c.cut_null_usage()
+                .then(|| String::from_utf8(c.json.to_vec()).unwrap())
+        };
+        // Python's json.dumps spacing.
+        assert_eq!(
+            cut(br#"{"id": "c", "created": 1, "model": "m", "choices": [{"index": 0}], "usage" : null }"#),
+            Some(r#"{"id": "c", "created": 1, "model": "m", "choices": [{"index": 0}]}"#.into())
+        );
+        // The text of a string is never taken for the member.
+        assert_eq!(
+            cut(br#"{"id":"c","created":1,"model":"m","choices":[{"index":0,"delta":{"content":",\"usage\":null}"}}],"usage":null}"#),
+            Some(r#"{"id":"c","created":1,"model":"m","choices":[{"index":0,"delta":{"content":",\"usage\":null}"}}]}"#.into())
+        );
+        for unchanged in [
+            &br#"{"id":"c","created":1,"model":"m","choices":[],"usage":null,"x":1}"#[..],
+            br#"{"id":"c","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":1,"total_tokens":1}}"#,
+            br#"{"id":"c","created":1,"model":"m","choices":[],"x":{"usage":null}}"#,
+            br#"{"id":"c","created":1,"model":"m","choices":[]}"#,
+        ] {
+            assert_eq!(cut(unchanged), None, "{}", String::from_utf8_lossy(unchanged));
+        }
+    }
+
     #[test]
     fn chunks_tell_usage_only_and_null_usage_apart() {
         let content = br#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
@@ -308,8 +441,24 @@ mod tests {
         let mut chunk = ChatChunk::Raw(c);
         assert!(!chunk.is_usage_only());
         chunk.strip_usage();
+        let ChatChunk::Raw(c) = &chunk else {
+            panic!("a trailing null usage is cut from the bytes, not re-serialized")
+        };
+        assert_eq!(
+            &c.json[..],
+            &null_usage[..null_usage.len() - 14]
+                .iter()
+                .chain(b"}")
+                .copied()
+                .collect::<Vec<u8>>()[..]
+        );
+
+        // `usage` elsewhere than last: the typed path.
+        let inner = br#"{"id":"c","object":"chat.completion.chunk","usage":null,"created":1,"model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+        let mut chunk = ChatChunk::Raw(RawChunk::parse(Bytes::from_static(inner)).unwrap());
+        chunk.strip_usage();
         let ChatChunk::Typed(t) = &chunk else {
-            panic!("a chunk with a usage key is re-serialized without it")
+            panic!("a usage key that is not last is re-serialized without it")
         };
         assert!(serde_json::to_value(t).unwrap().get("usage").is_none());
 
