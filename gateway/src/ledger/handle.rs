@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use super::keys::{self, NEXT_RESERVATION, RESERVATION, TREE};
-use super::writer::{Msg, Reply, Shared, Writer};
+use super::keys::{self, NEXT_RESERVATION, TREE};
+use super::writer::{read_reservations, Msg, Reply, Shared, Writer};
 use super::{
     usage, AuditEvent, AuditRecord, BudgetBalance, LedgerError, Op, Reservation, UsageCounters,
     UsageKey,
@@ -359,13 +359,4 @@ impl Ledger {
             .fail_next_flush
             .store(true, Ordering::Relaxed);
     }
-}
-
-fn read_reservations(tree: &sled::Tree) -> Result<Vec<Reservation>, LedgerError> {
-    let mut out = Vec::new();
-    for item in tree.scan_prefix(RESERVATION) {
-        let (k, v) = item?;
-        out.push(keys::decode(&k, &v)?);
-    }
-    Ok(out)
 }

@@ -9,7 +9,7 @@
 //! | key | value |
 //! |---|---|
 //! | `b/<budget_key>` | [`BudgetBalance`] JSON |
-//! | `r/<reservation id, u64 big-endian>` | [`Reservation`] JSON |
+//! | `r/<group, u64 big-endian>` | JSON array of the [`Reservation`]s opened in one round and still open (an older store: one [`Reservation`] object under `r/<id>`) |
 //! | `a/<seq, u64 big-endian>` | [`AuditRecord`] JSON (its canonical form, hash filled in) |
 //! | `u/<day YYYY-MM-DD>/<JSON of the other UsageKey fields>` | [`UsageCounters`] JSON |
 //! | `m/last_seq`, `m/retained_from`, `m/next_reservation` | u64 big-endian |
@@ -39,6 +39,13 @@
 //!   `m/retained_from` (the first kept seq) and `m/retained_hash` (the hash of the last
 //!   deleted record); [`verify`] starts from it. Retention only deletes records the chain
 //!   vouches for, so it never erases the evidence of tampering.
+//! - Reservations opened in the same round are stored together, as one group; a round
+//!   that closes some of a group's reservations rewrites the group with the rest, or
+//!   removes it when none is left, in the same batch as the settlement. So a round
+//!   writes one `r/` key for everything it opens and one per group it closes in, not
+//!   one insert and one delete per request; what is open on disk is exactly what was open
+//!   after the last durable round, as before. The writer keeps the groups in memory (it
+//!   is their only writer) and reads none of them from the tree during a round.
 //! - A reservation is open from `OpenReservation` until `CloseReservation`; at
 //!   [`Ledger::open`], reservations left open by a crash are charged in full, deleted, and
 //!   noted with one `ReservationRecovered` audit record each, all in one durable batch.

@@ -903,3 +903,97 @@ fn a_batch_larger_than_max_batch_commits_whole() {
         Vec::<u64>::new()
     );
 }
+
+#[test]
+fn reservations_opened_together_close_one_by_one_and_the_rest_recover_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = |i: u64| vec![charge("team:t_1|monthly|2026-11", 1_000 * i, 100 * i)];
+    let ids = {
+        let (_store, ledger, _) = open(dir.path());
+        let ids: Vec<u64> = (0..4).map(|_| ledger.next_reservation_id()).collect();
+        // One round: the four become one stored group.
+        ledger
+            .submit_blocking(
+                ids.iter()
+                    .zip(1..)
+                    .map(|(&id, i)| Op::OpenReservation(reservation(id, held(i))))
+                    .collect(),
+            )
+            .unwrap();
+        assert_eq!(ledger.tree().scan_prefix(b"r/").count(), 1);
+        // Two close in later rounds, one of them together with a new opening.
+        ledger
+            .submit_blocking(vec![Op::CloseReservation {
+                id: ids[0],
+                actual: vec![charge("team:t_1|monthly|2026-11", 7, 1)],
+            }])
+            .unwrap();
+        let late = ledger.next_reservation_id();
+        ledger
+            .submit_blocking(vec![
+                Op::CloseReservation {
+                    id: ids[2],
+                    actual: vec![charge("team:t_1|monthly|2026-11", 5, 1)],
+                },
+                Op::OpenReservation(reservation(late, held(10))),
+                Op::CloseReservation {
+                    id: late,
+                    actual: vec![charge("team:t_1|monthly|2026-11", 3, 1)],
+                },
+            ])
+            .unwrap();
+        // Closing one twice charges it once.
+        ledger
+            .submit_blocking(vec![Op::CloseReservation {
+                id: ids[0],
+                actual: vec![charge("team:t_1|monthly|2026-11", 1_000_000, 1)],
+            }])
+            .unwrap();
+        let mut open: Vec<u64> = ledger
+            .open_reservations()
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        open.sort_unstable();
+        assert_eq!(open, vec![ids[1], ids[3]]);
+        ids
+        // Dropped with two still open: what a crash leaves.
+    };
+    let (_store, ledger, recovered) = open(dir.path());
+    let mut got: Vec<u64> = recovered.reservations.iter().map(|r| r.id).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![ids[1], ids[3]]);
+    // Settled: 7 + 5 + 3; recovered in full: 2,000 + 4,000.
+    assert_eq!(
+        ledger.balance("team:t_1|monthly|2026-11").unwrap(),
+        BudgetBalance {
+            spent_micros: 7 + 5 + 3 + 2_000 + 4_000,
+            spent_tokens: 3 + 200 + 400
+        }
+    );
+    assert!(ledger.open_reservations().unwrap().is_empty());
+    assert_eq!(ledger.tree().scan_prefix(b"r/").count(), 0);
+}
+
+#[test]
+fn a_reservation_stored_alone_by_an_older_version_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = vec![charge("key:ak_1|total|0", 900, 9)];
+    {
+        let store = open_store(dir.path());
+        let tree = store.tree("ledger").unwrap();
+        tree.insert(
+            super::keys::reservation(77),
+            serde_json::to_vec(&reservation(77, held.clone())).unwrap(),
+        )
+        .unwrap();
+        tree.flush().unwrap();
+    }
+    let (_store, ledger, recovered) = open(dir.path());
+    assert_eq!(recovered.reservations, vec![reservation(77, held)]);
+    assert_eq!(
+        ledger.balance("key:ak_1|total|0").unwrap().spent_micros,
+        900
+    );
+}

@@ -17,9 +17,11 @@
 //! round is flushed.
 //!
 //! Invariants:
-//! - In-round reads see earlier ops of the same round: balances, reservations and usage
-//!   rows are loaded once into an overlay and modified there; several usage deltas for one
-//!   key become one write.
+//! - In-round reads see earlier ops of the same round: balances and usage rows are
+//!   loaded once into an overlay and modified there; several usage deltas for one key
+//!   become one write. Open reservations are not read from the tree at all: the writer
+//!   holds the stored groups in memory ([`OpenReservations`], loaded at start) and
+//!   takes in a round's changes to them only once the round is durable.
 //! - A batch is all-or-nothing: everything it reads is loaded (and checked) before any of
 //!   its ops is applied, so a corrupt record or an invalid op refuses that batch alone.
 //! - `head` (last seq, hash, ts) only advances after the round is durable. When the
@@ -126,7 +128,117 @@ pub(crate) struct Writer {
     linger: Duration,
     /// Batches in the last round committed.
     last_round: usize,
+    /// The open reservations as stored (the writer is the only one to write `r/`).
+    open: OpenReservations,
     shared: Arc<Shared>,
+}
+
+/// Open reservations, as the `r/` keys hold them: each key one group of reservations
+/// opened in the same round, as a JSON array of those still open; the key's number is a
+/// group number of its own (an older store has one reservation, an object, per key).
+#[derive(Debug, Default)]
+pub(crate) struct OpenReservations {
+    /// Reservation id -> its group.
+    at: HashMap<u64, u64>,
+    groups: HashMap<u64, Group>,
+    next_group: u64,
+}
+
+#[derive(Debug)]
+struct Group {
+    /// The value stored under `r/<group>` (for the undo batch).
+    stored: IVec,
+    open: Vec<Reservation>,
+}
+
+/// A stored `r/` value: a group (an array), or one reservation (an older store).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Group(Vec<Reservation>),
+    One(Reservation),
+}
+
+impl Stored {
+    fn into_vec(self) -> Vec<Reservation> {
+        match self {
+            Stored::Group(v) => v,
+            Stored::One(r) => vec![r],
+        }
+    }
+}
+
+/// Every open reservation stored in `tree`, by key order.
+pub(crate) fn read_reservations(tree: &sled::Tree) -> Result<Vec<Reservation>, LedgerError> {
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(keys::RESERVATION) {
+        let (k, v) = item?;
+        out.extend(keys::decode::<Stored>(&k, &v)?.into_vec());
+    }
+    Ok(out)
+}
+
+impl OpenReservations {
+    fn load(tree: &sled::Tree) -> Result<OpenReservations, LedgerError> {
+        let mut open = OpenReservations {
+            next_group: 1,
+            ..OpenReservations::default()
+        };
+        for item in tree.scan_prefix(keys::RESERVATION) {
+            let (k, v) = item?;
+            let n = keys::number_in(keys::RESERVATION, &k).ok_or_else(|| LedgerError::Corrupt {
+                key: keys::display(&k),
+                reason: "not a reservation group key".into(),
+            })?;
+            let rs = keys::decode::<Stored>(&k, &v)?.into_vec();
+            for r in &rs {
+                open.at.insert(r.id, n);
+            }
+            open.groups.insert(
+                n,
+                Group {
+                    stored: v,
+                    open: rs,
+                },
+            );
+            open.next_group = open.next_group.max(n.saturating_add(1));
+        }
+        Ok(open)
+    }
+
+    /// Whether `id` is open and not already closed by `closed` (this round's closes).
+    fn group_of(&self, id: u64, closed: &HashMap<u64, Vec<u64>>) -> Option<u64> {
+        let g = *self.at.get(&id)?;
+        match closed.get(&g) {
+            Some(ids) if ids.contains(&id) => None,
+            _ => Some(g),
+        }
+    }
+
+    /// Takes in a committed round's changes.
+    fn apply(&mut self, change: GroupChanges) {
+        for (g, after) in change.groups {
+            if let Some(old) = self.groups.remove(&g) {
+                for r in &old.open {
+                    self.at.remove(&r.id);
+                }
+            }
+            if let Some(group) = after {
+                for r in &group.open {
+                    self.at.insert(r.id, g);
+                }
+                self.groups.insert(g, group);
+            }
+        }
+        self.next_group = change.next_group;
+    }
+}
+
+/// What a round does to the reservation groups: each touched group's new content
+/// (`None`: removed).
+struct GroupChanges {
+    groups: Vec<(u64, Option<Group>)>,
+    next_group: u64,
 }
 
 impl Writer {
@@ -139,6 +251,7 @@ impl Writer {
     ) -> Result<Writer, LedgerError> {
         Ok(Writer {
             head: Head::load(&tree)?,
+            open: OpenReservations::load(&tree)?,
             tree,
             max_batch: max_batch.max(1),
             retention,
@@ -236,7 +349,7 @@ impl Writer {
         &mut self,
         batches: Vec<Vec<Op>>,
     ) -> Result<Vec<Result<Vec<u64>, LedgerError>>, LedgerError> {
-        let mut round = Round::new(&self.tree, self.head.clone(), now_ms());
+        let mut round = Round::new(&self.tree, &self.open, self.head.clone(), now_ms());
         let mut outcomes = Vec::with_capacity(batches.len());
         for ops in batches {
             match round.load(&ops) {
@@ -244,7 +357,7 @@ impl Writer {
                 Err(e) => outcomes.push(Err(e)),
             }
         }
-        let Some((batch, undo, head)) = round.finish()? else {
+        let Some((batch, undo, head, groups)) = round.finish()? else {
             // Nothing to write: every earlier round is already durable.
             return Ok(outcomes);
         };
@@ -256,6 +369,7 @@ impl Writer {
             return Err(e.into());
         }
         self.head = head;
+        self.open.apply(groups);
         self.shared.rounds.fetch_add(1, Ordering::Relaxed);
         Ok(outcomes)
     }
@@ -308,14 +422,18 @@ pub(crate) fn now_ms() -> i64 {
 /// One round's in-memory view: what it read, what it changed, what to write.
 struct Round<'t> {
     tree: &'t sled::Tree,
+    /// The open reservations before the round.
+    open: &'t OpenReservations,
     /// The durable head the round started from.
     start: Head,
     /// The head after the ops applied so far.
     head: Head,
     now: i64,
     balances: HashMap<String, BudgetBalance>,
-    /// `None`: absent (never opened, or closed in this round).
-    reservations: HashMap<u64, Option<Reservation>>,
+    /// Opened in this round and still open: the round's new group.
+    opened: Vec<Reservation>,
+    /// Ids closed in this round, by the (earlier) group that held them.
+    closed: HashMap<u64, Vec<u64>>,
     usage: HashMap<Vec<u8>, UsageCounters>,
     audit: Vec<(u64, Vec<u8>)>,
     /// Every key loaded, with its value before the round (for the undo batch).
@@ -323,14 +441,16 @@ struct Round<'t> {
 }
 
 impl<'t> Round<'t> {
-    fn new(tree: &'t sled::Tree, head: Head, now: i64) -> Round<'t> {
+    fn new(tree: &'t sled::Tree, open: &'t OpenReservations, head: Head, now: i64) -> Round<'t> {
         Round {
             tree,
+            open,
             start: head.clone(),
             head,
             now,
             balances: HashMap::new(),
-            reservations: HashMap::new(),
+            opened: Vec::new(),
+            closed: HashMap::new(),
             usage: HashMap::new(),
             audit: Vec::new(),
             originals: Vec::new(),
@@ -341,11 +461,8 @@ impl<'t> Round<'t> {
     fn load(&mut self, ops: &[Op]) -> Result<(), LedgerError> {
         for op in ops {
             match op {
-                Op::OpenReservation(r) => self.load_reservation(r.id)?,
-                Op::CloseReservation { id, actual } => {
-                    self.load_reservation(*id)?;
-                    self.load_balances(actual)?;
-                }
+                Op::OpenReservation(_) => {}
+                Op::CloseReservation { actual, .. } => self.load_balances(actual)?,
                 Op::Charge(charges) => self.load_balances(charges)?,
                 Op::Audit(_) => {}
                 Op::Usage { key, .. } => {
@@ -362,21 +479,6 @@ impl<'t> Round<'t> {
                 }
             }
         }
-        Ok(())
-    }
-
-    fn load_reservation(&mut self, id: u64) -> Result<(), LedgerError> {
-        if self.reservations.contains_key(&id) {
-            return Ok(());
-        }
-        let k = keys::reservation(id);
-        let old = self.tree.get(&k)?;
-        let r = match &old {
-            Some(v) => Some(keys::decode(&k, v)?),
-            None => None,
-        };
-        self.originals.push((k, old));
-        self.reservations.insert(id, r);
         Ok(())
     }
 
@@ -413,15 +515,18 @@ impl<'t> Round<'t> {
         for op in ops {
             match op {
                 Op::OpenReservation(r) => {
-                    self.reservations.insert(r.id, Some(r));
+                    // Opening an open id again replaces it.
+                    self.take_open(r.id);
+                    self.opened.push(r);
                 }
                 Op::CloseReservation { id, actual } => {
-                    match self.reservations.get_mut(&id).and_then(Option::take) {
-                        Some(_) => self.charge(&actual),
-                        None => tracing::warn!(
+                    if self.take_open(id) {
+                        self.charge(&actual);
+                    } else {
+                        tracing::warn!(
                             reservation = id,
                             "closing a reservation that is not open (recovered at start?); not charging it again"
-                        ),
+                        );
                     }
                 }
                 Op::Charge(charges) => self.charge(&charges),
@@ -449,10 +554,31 @@ impl<'t> Round<'t> {
         Ok(seqs)
     }
 
-    /// The round's batch, its undo batch and the head after it; `None` when it writes
-    /// nothing.
-    fn finish(self) -> Result<Option<(sled::Batch, sled::Batch, Head)>, LedgerError> {
-        if self.originals.is_empty() && self.audit.is_empty() {
+    /// Closes `id` if it is open (opened earlier in this round, or in an earlier round
+    /// and not closed in this one); false if it is not open.
+    fn take_open(&mut self, id: u64) -> bool {
+        if let Some(i) = self.opened.iter().position(|r| r.id == id) {
+            self.opened.remove(i);
+            return true;
+        }
+        match self.open.group_of(id, &self.closed) {
+            Some(g) => {
+                self.closed.entry(g).or_default().push(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The round's batch, its undo batch, the head after it and its changes to the
+    /// reservation groups; `None` when it writes nothing.
+    #[allow(clippy::type_complexity)]
+    fn finish(self) -> Result<Option<(sled::Batch, sled::Batch, Head, GroupChanges)>, LedgerError> {
+        if self.originals.is_empty()
+            && self.audit.is_empty()
+            && self.opened.is_empty()
+            && self.closed.is_empty()
+        {
             return Ok(None);
         }
         let mut batch = sled::Batch::default();
@@ -460,11 +586,47 @@ impl<'t> Round<'t> {
         for (k, b) in &self.balances {
             batch.insert(keys::balance(k), keys::encode(b)?);
         }
-        for (id, r) in &self.reservations {
-            match r {
-                Some(r) => batch.insert(keys::reservation(*id), keys::encode(r)?),
-                None => batch.remove(keys::reservation(*id)),
+        // Reservations: one write for the round's new group, one per earlier group it
+        // closed something in (rewritten with what stays open, or removed).
+        let mut groups = GroupChanges {
+            groups: Vec::with_capacity(self.closed.len() + 1),
+            next_group: self.open.next_group,
+        };
+        for (g, ids) in &self.closed {
+            let k = keys::reservation(*g);
+            let Some(before) = self.open.groups.get(g) else {
+                continue;
+            };
+            undo.insert(k.clone(), before.stored.clone());
+            let open: Vec<Reservation> = before
+                .open
+                .iter()
+                .filter(|r| !ids.contains(&r.id))
+                .cloned()
+                .collect();
+            if open.is_empty() {
+                batch.remove(k);
+                groups.groups.push((*g, None));
+            } else {
+                let stored = IVec::from(keys::encode(&open)?);
+                batch.insert(k, stored.clone());
+                groups.groups.push((*g, Some(Group { stored, open })));
             }
+        }
+        if !self.opened.is_empty() {
+            let g = groups.next_group;
+            groups.next_group = g.saturating_add(1);
+            let k = keys::reservation(g);
+            let stored = IVec::from(keys::encode(&self.opened)?);
+            batch.insert(k.clone(), stored.clone());
+            undo.remove(k);
+            groups.groups.push((
+                g,
+                Some(Group {
+                    stored,
+                    open: self.opened,
+                }),
+            ));
         }
         for (k, c) in &self.usage {
             batch.insert(k.as_slice(), keys::encode(c)?);
@@ -491,6 +653,6 @@ impl<'t> Round<'t> {
                 undo.insert(LAST_HASH, self.start.last_hash.as_bytes());
             }
         }
-        Ok(Some((batch, undo, self.head)))
+        Ok(Some((batch, undo, self.head, groups)))
     }
 }
