@@ -133,27 +133,25 @@ pub struct RequestInfo {
 /// Outermost handler-side layer: in-flight gauge, access log line, metrics.
 pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
+    // Cheap clones (reference-counted), not new strings: this runs for every request.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let request_id = req
-        .headers()
-        .get(crate::api::REQUEST_ID)
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let request_id = req.headers().get(crate::api::REQUEST_ID).cloned();
+    let request_id = request_id
+        .as_ref()
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+        .unwrap_or("");
     state.metrics.in_flight.inc();
     let mut resp = next.run(req).await;
     state.metrics.in_flight.dec();
-    audit(&state, &mut resp, &route, &path, &request_id, start).await;
+    audit(&state, &mut resp, route, path, request_id, start).await;
+    // Nothing outside reads it after this layer.
     let info = resp
-        .extensions()
-        .get::<RequestInfo>()
-        .cloned()
+        .extensions_mut()
+        .remove::<RequestInfo>()
         .unwrap_or_default();
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
@@ -168,10 +166,10 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     );
     if !info.deferred {
         state.metrics.observe(
-            &route,
+            route,
             label(&info.model),
             label(&info.target),
-            &status.to_string(),
+            resp.status().as_str(),
             elapsed.as_secs_f64(),
         );
     }
