@@ -86,7 +86,7 @@ pub enum ManifestError {
 }
 
 /// Architectures this build serves, by format.
-pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3", "phi3"];
 /// `model_type` values of safetensors folders this build serves: `bert` for
 /// embeddings, the others for chat.
 pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["bert", "llama", "mistral"];

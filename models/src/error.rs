@@ -40,7 +40,7 @@ pub enum ModelError {
     /// `general.architecture` (a folder's `model_type`) names a family this crate
     /// cannot run yet.
     #[error(
-        "unsupported architecture `{0}` (supported: GGUF llama, qwen2, qwen3 and gemma3, \
+        "unsupported architecture `{0}` (supported: GGUF llama, qwen2, qwen3, gemma3 and phi3, \
          safetensors llama and mistral)"
     )]
     UnsupportedArchitecture(String),

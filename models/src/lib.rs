@@ -14,7 +14,7 @@
 //! [`decoder::Config`].
 //!
 //! Served today: GGUF files with `general.architecture = "llama"` and a byte-level BPE
-//! (`gpt2`) vocabulary, `qwen2` and `qwen3` (byte-level BPE, `qwen2` pre-tokenizer),
+//! (`gpt2`) vocabulary, `qwen2` and `qwen3` (byte-level BPE, `qwen2` pre-tokenizer), `phi3`,
 //! `gemma3` with a SentencePiece (`llama`) vocabulary, and safetensors folders whose
 //! `model_type` is `llama` or `mistral` ([`LlamaSafetensors`]); BERT folders are
 //! embedding models ([`EmbeddingModel`]).

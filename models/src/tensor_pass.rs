@@ -91,7 +91,7 @@ impl std::fmt::Debug for TensorDecoder {
 impl TensorDecoder {
     /// Whether `general.architecture` is one this pass runs.
     pub fn supports(architecture: &str) -> bool {
-        Arch::from_name(architecture).is_some_and(|a| a != Arch::Llama)
+        Arch::from_name(architecture).is_some_and(|a| !matches!(a, Arch::Llama | Arch::Phi3))
     }
 
     /// Builds the tokenizer and template from the header, then loads the weights on

@@ -30,6 +30,9 @@ pub enum Arch {
     /// Gemma 3: per-head Q/K norms, post-attention and post-FFN norms, GELU, scaled
     /// embeddings, sliding-window layers with their own rotary base.
     Gemma3,
+    /// Phi-3: fused Q/K/V (`attn_qkv`) and gate/up (`ffn_up`) matrices, NeoX rotary,
+    /// Q scaled before attention; no sliding window (llama.cpp disables Phi's).
+    Phi3,
 }
 
 impl Arch {
@@ -39,6 +42,7 @@ impl Arch {
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
             "gemma3" => Some(Arch::Gemma3),
+            "phi3" => Some(Arch::Phi3),
             _ => None,
         }
     }
@@ -49,6 +53,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -223,9 +228,9 @@ impl Config {
                 Activation::Silu
             },
             embed_scale: gemma.then(|| (n_embd as f32).sqrt()),
-            // llama.cpp: Gemma 3 scales Q by 1/sqrt(head_dim) and the scores by 1.
-            q_scale: gemma.then(|| 1.0 / (head_dim as f32).sqrt()),
-            kq_scale: if gemma {
+            // llama.cpp: Gemma 3 and Phi-3 scale Q by 1/sqrt(head_dim) and the scores by 1.
+            q_scale: (gemma || arch == Arch::Phi3).then(|| 1.0 / (head_dim as f32).sqrt()),
+            kq_scale: if gemma || arch == Arch::Phi3 {
                 1.0
             } else {
                 1.0 / (head_dim as f32).sqrt()

@@ -1,5 +1,6 @@
 //! Our own forward pass for decoder-only GGUF models: llama (Llama, Mistral,
-//! SmolLM), qwen2, qwen3 and gemma3, over several sequences at once.
+//! SmolLM), qwen2, qwen3, gemma3 and phi3 (fused Q/K/V and gate/up matrices), over
+//! several sequences at once.
 //!
 //! Owns the weights ([`Weights`], shared by every handle through an `Arc`), one KV
 //! cache per handle ([`DecoderModel`]), and [`forward_batch`]: one pass over the new
@@ -61,9 +62,7 @@ const PARALLEL_ATTENTION_WORK: usize = 2_048;
 /// One transformer block's weights.
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: QWeight,
-    wk: QWeight,
-    wv: QWeight,
+    qkv: Qkv,
     wo: QWeight,
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
@@ -72,12 +71,38 @@ struct Layer {
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
-    gate: QWeight,
-    up: QWeight,
+    gate_up: GateUp,
     down: QWeight,
     post_ffn_norm: Option<Vec<f32>>,
     /// The sliding window, or `None` on layers that attend to every position.
     window: Option<usize>,
+}
+
+/// The Q, K and V projections: three matrices, or one with their rows stacked
+/// (Phi-3's `attn_qkv`).
+enum Qkv {
+    Split {
+        wq: QWeight,
+        wk: QWeight,
+        wv: QWeight,
+    },
+    Fused(QWeight),
+}
+
+/// The gate and up projections: two matrices, or one with the gate's rows first
+/// (Phi-3's `ffn_up`).
+enum GateUp {
+    Split { gate: QWeight, up: QWeight },
+    Fused(QWeight),
+}
+
+impl GateUp {
+    fn n_ff(&self) -> usize {
+        match self {
+            GateUp::Split { gate, .. } => gate.rows(),
+            GateUp::Fused(w) => w.rows() / 2,
+        }
+    }
 }
 
 /// Everything read-only about a model: shared by all its handles.
@@ -289,6 +314,8 @@ struct Scratch {
     o: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// The output of a fused matrix before it is split.
+    fused: Vec<f32>,
 }
 
 impl Weights {
@@ -314,8 +341,27 @@ impl Weights {
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let name = |t: &str| format!("blk.{i}.{t}");
-            let gate = t.matrix(&name("ffn_gate.weight"), None, e)?;
-            let n_ff = gate.rows();
+            let phi3 = c.arch == Arch::Phi3;
+            let gate_up = match phi3 {
+                true => GateUp::Fused(t.matrix(&name("ffn_up.weight"), None, e)?),
+                false => {
+                    let gate = t.matrix(&name("ffn_gate.weight"), None, e)?;
+                    let up = t.matrix(&name("ffn_up.weight"), Some(gate.rows()), e)?;
+                    GateUp::Split { gate, up }
+                }
+            };
+            let n_ff = gate_up.n_ff();
+            if n_ff == 0 || (phi3 && gate_up_rows_odd(&gate_up)) {
+                return Err(t.invalid(&name("ffn_up.weight"), "no feed-forward rows"));
+            }
+            let qkv = match phi3 {
+                true => Qkv::Fused(t.matrix(&name("attn_qkv.weight"), Some(qw + 2 * kvw), e)?),
+                false => Qkv::Split {
+                    wq: t.matrix(&name("attn_q.weight"), Some(qw), e)?,
+                    wk: t.matrix(&name("attn_k.weight"), Some(kvw), e)?,
+                    wv: t.matrix(&name("attn_v.weight"), Some(kvw), e)?,
+                },
+            };
             let optional = |t: &mut Tensors<'_, R>, on: bool, n: &str, len: usize| match on {
                 true => t.vector(&name(n), len).map(Some),
                 false => Ok(None),
@@ -327,9 +373,7 @@ impl Weights {
             );
             layers.push(Layer {
                 attn_norm: t.vector(&name("attn_norm.weight"), e)?,
-                wq: t.matrix(&name("attn_q.weight"), Some(qw), e)?,
-                wk: t.matrix(&name("attn_k.weight"), Some(kvw), e)?,
-                wv: t.matrix(&name("attn_v.weight"), Some(kvw), e)?,
+                qkv,
                 wo: t.matrix(&name("attn_output.weight"), Some(e), qw)?,
                 bq: optional(&mut t, qwen2, "attn_q.bias", qw)?,
                 bk: optional(&mut t, qwen2, "attn_k.bias", kvw)?,
@@ -338,9 +382,8 @@ impl Weights {
                 k_norm: optional(&mut t, normed, "attn_k_norm.weight", hd)?,
                 post_attn_norm: optional(&mut t, gemma, "post_attention_norm.weight", e)?,
                 ffn_norm: t.vector(&name("ffn_norm.weight"), e)?,
-                up: t.matrix(&name("ffn_up.weight"), Some(n_ff), e)?,
                 down: t.matrix(&name("ffn_down.weight"), Some(e), n_ff)?,
-                gate,
+                gate_up,
                 post_ffn_norm: optional(&mut t, gemma, "post_ffw_norm.weight", e)?,
                 window: c.sliding.filter(|s| !s.is_global(i)).map(|s| s.window),
             });
@@ -378,7 +421,7 @@ impl Weights {
             }
         }
         let m = rows_seq.len();
-        let n_ff = self.layers.first().map_or(0, |l| l.gate.rows());
+        let n_ff = self.layers.first().map_or(0, |l| l.gate_up.n_ff());
         let mut s = Scratch {
             x: vec![0.0; m * e],
             h: vec![0.0; m * e],
@@ -389,6 +432,7 @@ impl Weights {
             o: vec![0.0; m * e],
             gate: vec![0.0; m * n_ff],
             up: vec![0.0; m * n_ff],
+            fused: Vec::new(),
         };
         let tokens = seqs.iter().flat_map(|q| q.tokens.iter().copied());
         for (row, token) in s.x.chunks_exact_mut(e).zip(tokens) {
@@ -406,15 +450,21 @@ impl Weights {
             for (x, h) in s.x.chunks_exact(e).zip(s.h.chunks_exact_mut(e)) {
                 ops::rms_norm(x, &layer.attn_norm, c.eps, h);
             }
-            QWeight::matmul_many(
-                &s.h,
-                m,
-                &mut [
-                    (&layer.wq, &mut s.q),
-                    (&layer.wk, &mut s.k),
-                    (&layer.wv, &mut s.v),
-                ],
-            );
+            match &layer.qkv {
+                Qkv::Split { wq, wk, wv } => QWeight::matmul_many(
+                    &s.h,
+                    m,
+                    &mut [(wq, &mut s.q), (wk, &mut s.k), (wv, &mut s.v)],
+                ),
+                Qkv::Fused(w) => {
+                    let width = w.rows();
+                    s.fused.resize(m * width, 0.0);
+                    w.matmul(&s.h, m, &mut s.fused);
+                    split_rows(&s.fused, width, 0, &mut s.q, qw);
+                    split_rows(&s.fused, width, qw, &mut s.k, kvw);
+                    split_rows(&s.fused, width, qw + kvw, &mut s.v, kvw);
+                }
+            }
             add_bias(&mut s.q, layer.bq.as_deref());
             add_bias(&mut s.k, layer.bk.as_deref());
             add_bias(&mut s.v, layer.bv.as_deref());
@@ -468,11 +518,18 @@ impl Weights {
             for (x, h) in s.x.chunks_exact(e).zip(s.h.chunks_exact_mut(e)) {
                 ops::rms_norm(x, &layer.ffn_norm, c.eps, h);
             }
-            QWeight::matmul_many(
-                &s.h,
-                m,
-                &mut [(&layer.gate, &mut s.gate), (&layer.up, &mut s.up)],
-            );
+            match &layer.gate_up {
+                GateUp::Split { gate, up } => {
+                    QWeight::matmul_many(&s.h, m, &mut [(gate, &mut s.gate), (up, &mut s.up)])
+                }
+                GateUp::Fused(w) => {
+                    let width = w.rows();
+                    s.fused.resize(m * width, 0.0);
+                    w.matmul(&s.h, m, &mut s.fused);
+                    split_rows(&s.fused, width, 0, &mut s.gate, n_ff);
+                    split_rows(&s.fused, width, n_ff, &mut s.up, n_ff);
+                }
+            }
             match c.activation {
                 Activation::Silu => ops::swiglu(&mut s.gate, &s.up),
                 Activation::GeluTanh => ops::geglu(&mut s.gate, &s.up),
@@ -572,6 +629,21 @@ impl Weights {
                 head(i, out, &mut scores, &mut q16);
             }
         }
+    }
+}
+
+fn gate_up_rows_odd(g: &GateUp) -> bool {
+    matches!(g, GateUp::Fused(w) if w.rows() % 2 != 0)
+}
+
+/// Copies row `r`'s `[from, from + out_width)` slice of `src` (rows of `src_width`)
+/// into row `r` of `out`, for every row.
+fn split_rows(src: &[f32], src_width: usize, from: usize, out: &mut [f32], out_width: usize) {
+    for (row, dst) in src
+        .chunks_exact(src_width)
+        .zip(out.chunks_exact_mut(out_width))
+    {
+        dst.copy_from_slice(&row[from..from + out_width]);
     }
 }
 

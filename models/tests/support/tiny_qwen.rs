@@ -43,6 +43,19 @@ pub const QWEN2: Shape = Shape {
 };
 
 /// Head size 16 with 4 heads over a 32-wide residual: `key_length` matters.
+/// Phi-3's layout (fused matrices), small.
+pub const PHI3: Shape = Shape {
+    arch: "phi3",
+    dim: 32,
+    heads: 4,
+    kv_heads: 4,
+    head_dim: 8,
+    ff: 64,
+    layers: 2,
+    context: 256,
+    dtype: GgmlDType::F32,
+};
+
 pub const QWEN3: Shape = Shape {
     arch: "qwen3",
     dim: 32,
@@ -214,6 +227,10 @@ pub fn write_gguf(path: &Path, shape: &Shape, tweaks: &Tweaks) {
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
         ("tokenizer.chat_template".into(), s(TEMPLATE)),
     ];
+    if arch == "phi3" {
+        // candle's Phi-3 reads the rotary size; llama.cpp writes it for Phi-3.
+        md.push((format!("{arch}.rope.dimension_count"), u(shape.head_dim)));
+    }
     if shape.head_dim * shape.heads != shape.dim {
         md.push((format!("{arch}.attention.key_length"), u(shape.head_dim)));
         md.push((format!("{arch}.attention.value_length"), u(shape.head_dim)));
@@ -244,8 +261,8 @@ pub fn write_gguf(path: &Path, shape: &Shape, tweaks: &Tweaks) {
             tensor(&[d], next(), 1.0, 0.2, f32),
         ),
     ];
-    // Qwen 2 files keep a separate output matrix; Qwen 3's small models tie it.
-    if arch == "qwen2" {
+    // Qwen 2 and Phi-3 files keep a separate output matrix; Qwen 3's small models tie it.
+    if arch == "qwen2" || arch == "phi3" {
         tensors.push((
             "output.weight".into(),
             tensor(&[vocab, d], next(), 0.0, 0.5, f32),
@@ -259,6 +276,15 @@ pub fn write_gguf(path: &Path, shape: &Shape, tweaks: &Tweaks) {
             ));
         };
         add("attn_norm.weight", &[d], 1.0, 0.2, f32);
+        if arch == "phi3" {
+            // Phi-3 stacks Q, K and V, and gate and up, in one matrix each.
+            add("attn_qkv.weight", &[q + 2 * kv, d], 0.0, 0.5, shape.dtype);
+            add("attn_output.weight", &[d, q], 0.0, 0.3, shape.dtype);
+            add("ffn_norm.weight", &[d], 1.0, 0.2, f32);
+            add("ffn_up.weight", &[2 * ff, d], 0.0, 0.5, shape.dtype);
+            add("ffn_down.weight", &[d, ff], 0.0, 0.3, shape.dtype);
+            continue;
+        }
         add("attn_q.weight", &[q, d], 0.0, 0.5, shape.dtype);
         add("attn_k.weight", &[kv, d], 0.0, 0.5, shape.dtype);
         add("attn_v.weight", &[kv, d], 0.0, 0.5, shape.dtype);
