@@ -29,7 +29,8 @@ pub fn round_f16(x: f32) -> f32 {
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     debug_assert_eq!(x.len(), weight.len());
     debug_assert_eq!(x.len(), out.len());
-    let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    // ggml: each square in f32, summed in f64.
+    let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
     let mean = (sum / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
@@ -40,7 +41,8 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// [`rms_norm`] in place.
 pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     debug_assert_eq!(x.len(), weight.len());
-    let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    // ggml: each square in f32, summed in f64.
+    let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
     let mean = (sum / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     for (v, &w) in x.iter_mut().zip(weight) {
@@ -143,23 +145,9 @@ impl RopeTable {
     }
 }
 
-/// Softmax of `scores` in place (ggml `soft_max`: max, exp, sum in `f64`, scale).
+/// Softmax of `scores` in place, as ggml's `soft_max` computes it (see [`vector::softmax`]).
 pub fn softmax(scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for s in scores.iter_mut() {
-        let e = if *s == f32::NEG_INFINITY {
-            0.0
-        } else {
-            (*s - max).exp()
-        };
-        sum += f64::from(e);
-        *s = e;
-    }
-    let inv = (1.0 / sum) as f32;
-    for s in scores.iter_mut() {
-        *s *= inv;
-    }
+    vector::softmax(scores)
 }
 
 /// One query head attending over the cached keys and values.
@@ -187,6 +175,7 @@ pub fn attend(
     if half {
         vector::round_to_f16(q16);
     }
+
     let scores = &mut scores[..n];
     vector::attention_scores(q16, keys, stride, offset, kq_scale, scores);
     softmax(scores);

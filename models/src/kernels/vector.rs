@@ -67,6 +67,47 @@ pub fn round_to_f16(x: &mut [f32]) {
     round_portable(x)
 }
 
+/// Softmax in place, as ggml's `soft_max` computes it on AVX-512 CPUs: the maximum,
+/// then `exp(x - max)` with `ggml_v_expf` for each whole group of 16 values (libm's
+/// for the rest), each group's sum reduced in f32 and accumulated in f64, and the
+/// values scaled by `1 / sum`. Masked entries (`-inf`) become 0.
+pub fn softmax(scores: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = Avx2::detect() {
+        // SAFETY: as above.
+        return unsafe { softmax_avx2(t, scores) };
+    }
+    softmax_portable(scores)
+}
+
+#[inline(always)]
+fn softmax_portable(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    let mut groups = scores.chunks_exact_mut(16);
+    for g in &mut groups {
+        for v in g.iter_mut() {
+            *v = expf(*v - max);
+        }
+        // _mm512_reduce_add_ps: halves added pairwise.
+        let mut h = [0f32; 8];
+        for i in 0..8 {
+            h[i] = g[i] + g[i + 8];
+        }
+        let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+        let d = [q[0] + q[2], q[1] + q[3]];
+        sum += f64::from(d[0] + d[1]);
+    }
+    for v in groups.into_remainder() {
+        *v = (*v - max).exp();
+        sum += f64::from(*v);
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in scores.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// `gate = silu(gate) * up` (ggml `swiglu`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "swiglu: gate and up differ in length");
@@ -241,6 +282,12 @@ fn weighted_sum_avx2(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+fn softmax_avx2(_: Avx2, scores: &mut [f32]) {
+    softmax_portable(scores)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn swiglu_avx2(_: Avx2, gate: &mut [f32], up: &[f32]) {
     swiglu_portable(gate, up)
 }
@@ -318,6 +365,17 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
         }
+        let mut sm = values(37);
+        sm[3] = f32::NEG_INFINITY;
+        let mut exact = sm.clone();
+        softmax(&mut sm);
+        let max = exact.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = exact.iter().map(|v| (v - max).exp()).sum();
+        exact.iter_mut().for_each(|v| *v = (*v - max).exp() / total);
+        for (x, y) in sm.iter().zip(&exact) {
+            assert!((x - y).abs() <= 1e-6, "softmax {x} vs {y}");
+        }
+        assert_eq!(sm[3], 0.0);
         // And against the textbook SiLU.
         let g = values(37);
         for ((x, &gate), &u) in a.iter().zip(&g).zip(&up) {
