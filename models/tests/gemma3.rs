@@ -303,7 +303,15 @@ fn forward_pass_invariants() {
         for (i, id) in ids[..n].iter().enumerate() {
             one = model.forward(&[*id], i).unwrap();
         }
-        assert_eq!(short, one, "{n} tokens");
+        // A pass of several tokens sums attention in llama.cpp's prompt order
+        // (tinyBLAS), single steps in its decode order (vec_dot_f16), as llama.cpp
+        // does: close, not bitwise equal.
+        assert_eq!(argmax(&short), argmax(&one), "{n} tokens");
+        assert!(
+            max_diff(&short, &one) < 0.5,
+            "{n} tokens: {}",
+            max_diff(&short, &one)
+        );
     }
 
     // Past the 512-token sliding window: one prefill of 600 tokens agrees with 560

@@ -592,14 +592,16 @@ impl Weights {
             None => 0,
         };
         // One item: query head `h` of row `r`, over its KV head's contiguous run.
-        let head = |i: usize, out: &mut [f32], scores: &mut Vec<f32>, q16: &mut [f32]| {
+        let head = |i: usize, out: &mut [f32], scratch: &mut ops::AttendScratch| {
             let (r, h) = (i / c.n_head, i % c.n_head);
             let p = rows_pos[r];
             let lo = first_visible(p);
             let n = p + 1 - lo;
-            let cache = &seqs[rows_seq[r]].cache[li];
+            let seq = &seqs[rows_seq[r]];
+            let cache = &seq.cache[li];
             let g = h / group;
-            scores.resize(n, 0.0);
+            // llama.cpp's KV view: the cells up to the pass's last, padded to 32.
+            let n_kv = (seq.pos + seq.tokens.len()).next_multiple_of(32) - lo;
             ops::attend(
                 &q[r * qw + h * hd..r * qw + (h + 1) * hd],
                 &cache.k[g][lo * hd..(p + 1) * hd],
@@ -609,8 +611,9 @@ impl Weights {
                 n,
                 c.kq_scale,
                 self.kv == KvCachePrecision::F16,
-                scores,
-                q16,
+                seq.tokens.len(),
+                n_kv,
+                scratch,
                 out,
             );
         };
@@ -619,14 +622,15 @@ impl Weights {
             .map(|&p| (p + 1 - first_visible(p)) * c.n_head)
             .sum();
         if work >= PARALLEL_ATTENTION_WORK && rows_pos.len() * c.n_head > 1 {
-            att.par_chunks_exact_mut(hd).enumerate().for_each_init(
-                || (Vec::new(), vec![0.0; hd]),
-                |(scores, q16), (i, out)| head(i, out, scores, q16),
-            );
+            att.par_chunks_exact_mut(hd)
+                .enumerate()
+                .for_each_init(ops::AttendScratch::default, |scratch, (i, out)| {
+                    head(i, out, scratch)
+                });
         } else {
-            let (mut scores, mut q16) = (Vec::new(), vec![0.0; hd]);
+            let mut scratch = ops::AttendScratch::default();
             for (i, out) in att.chunks_exact_mut(hd).enumerate() {
-                head(i, out, &mut scores, &mut q16);
+                head(i, out, &mut scratch);
             }
         }
     }

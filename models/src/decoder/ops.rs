@@ -138,8 +138,9 @@ impl RopeTable {
                     RopeLayout::Neox => (i, i + self.pairs),
                 };
                 let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos - x1 * sin;
-                head[b] = x0 * sin + x1 * cos;
+                // As ggml-cpu's compiled rope (GCC contracts each line into one FMA).
+                head[a] = x0.mul_add(cos, -(x1 * sin));
+                head[b] = x0.mul_add(sin, x1 * cos);
             }
         }
     }
@@ -155,8 +156,10 @@ pub fn softmax(scores: &mut [f32]) {
 /// With `half`, the query and the attention weights are rounded to half precision
 /// (the keys and values were when cached), as llama.cpp's `mul_mat` over an F16 KV
 /// cache does. `q` is the head's query, `keys`/`values` hold `n` rows of `stride`
-/// values whose `offset..offset + head_dim` slice belongs to this head; `scores` is
-/// scratch of at least `n`, `q16` of `head_dim`. The output is written to `out`.
+/// values whose `offset..offset + head_dim` slice belongs to this head. Dots are
+/// summed in llama.cpp's order for a pass of `tokens` tokens of this sequence whose
+/// KV view holds `n_kv` cells (see [`vector::Order`]). `scores` (at least `n`),
+/// `q16` (`head_dim`) and `acc` are scratch. The output is written to `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &[f32],
@@ -167,20 +170,33 @@ pub fn attend(
     n: usize,
     kq_scale: f32,
     half: bool,
-    scores: &mut [f32],
-    q16: &mut [f32],
+    tokens: usize,
+    n_kv: usize,
+    scratch: &mut AttendScratch,
     out: &mut [f32],
 ) {
-    q16.copy_from_slice(q);
+    let AttendScratch { scores, q16, acc } = scratch;
+    q16.clear();
+    q16.extend_from_slice(q);
     if half {
         vector::round_to_f16(q16);
     }
-
+    scores.resize(n, 0.0);
     let scores = &mut scores[..n];
-    vector::attention_scores(q16, keys, stride, offset, kq_scale, scores);
+    let order = vector::Order::for_pass(tokens, q.len());
+    vector::attention_scores(q16, keys, stride, offset, kq_scale, order, scores);
     softmax(scores);
     if half {
         vector::round_to_f16(scores);
     }
-    vector::weighted_sum(scores, values, stride, offset, out);
+    let order = vector::Order::for_pass(tokens, n_kv);
+    vector::weighted_sum(scores, values, stride, offset, order, n_kv, acc, out);
+}
+
+/// Scratch buffers of [`attend`], kept per thread across heads.
+#[derive(Debug, Default)]
+pub struct AttendScratch {
+    scores: Vec<f32>,
+    q16: Vec<f32>,
+    acc: Vec<f32>,
 }

@@ -365,12 +365,14 @@ unsafe fn kernel_32<const FMT: u8, const RW: usize, const R: usize>(
                     dot_u8_i8(ax, qy)
                 };
                 if offset != 0 {
-                    p = _mm256_sub_epi32(p, _mm256_setr_epi32(offset * y.sum, 0, 0, 0, 0, 0, 0, 0));
+                    // Each lane's own offset, so every lane holds ggml's signed sum.
+                    let o = _mm256_set1_epi8(offset as i8);
+                    p = _mm256_sub_epi32(p, dot_u8_i8(o, qy));
                 }
                 acc[i][r] =
                     _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(p), acc[i][r]);
                 if has_min {
-                    summ[i][r] += m * y.s;
+                    summ[i][r] = m.mul_add(y.s, summ[i][r]);
                 }
             }
         }

@@ -12,12 +12,14 @@
 //!   its slice; all loads are unaligned.
 //!
 //! Numerics: weights enter `vpdpbusd` unsigned (Q8_0 stored as q + 128, Q4_0 / Q5_0 /
-//! Q6_K before their -8 / -16 / -32 offset), and the offset times the activation
-//! block's exact quant sum is subtracted in i32: `sum((q+o) a) - o sum(a)` is the
-//! integer dot exactly (no i16 saturation anywhere: `vpdpbusd` widens to i32). Scales
-//! multiply the exact i32 sub-block sums (`vpmulld`), mins use `vpdpwssd` with Q8_K's
-//! `bsums`, and the f32 scaling per block is ggml's. Results equal the scalar kernels
-//! up to f32 summation order.
+//! Q6_K before their -8 / -16 / -32 offset), and the offset times the activations'
+//! exact quant sum is subtracted in i32: `sum((q+o) a) - o sum(a)` is the integer
+//! dot exactly (no i16 saturation anywhere: `vpdpbusd` widens to i32). The 32-value
+//! formats keep ggml's eight lanes apart and sum them in its order, so they equal
+//! the scalar kernels bit for bit. K formats: scales multiply the exact i32
+//! sub-block sums (`vpmulld`), mins use `vpdpwssd` with Q8_K's `bsums`, and the f32
+//! scaling per block is ggml's; they equal the scalar kernels up to f32 summation
+//! order.
 
 #![allow(unsafe_code)]
 
@@ -160,7 +162,12 @@ unsafe fn add_fifth_bits(q: &mut [__m512i; 8], p: *const u8) {
     }
 }
 
-/// Q4_0 / Q4_1 / Q5_0 / Q8_0: 16 packed rows x `R` activation rows.
+/// Q4_0 / Q4_1 / Q5_0 / Q8_0: 16 packed rows x `R` activation rows, each row's dot
+/// summed in ggml's AVX2 order (see `scalar::row_32_ggml`): register z of a block
+/// holds quants 4z..4z+4 of each row, which is ggml's lane z, so its `vpdpbusd`
+/// (less the lane's own offset) is that lane's exact sum, and each lane keeps its
+/// own FMA chain (`acc[z]`); Q4_1's `m * s` terms chain apart; the lanes are added
+/// as ggml's `hsum_float_8` adds them.
 ///
 /// # Safety
 /// CPU features as in [`Avx512::detect`]; lengths as checked by [`check`].
@@ -170,13 +177,23 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
     acts: &[&[Q8Block]],
     out: &mut GroupOut,
 ) {
+    // One activation row at a time: 8 lane chains + Q4_1's chain stay in registers.
+    for r in 0..R {
+        out[r] = row_32::<FMT>(w, acts[r]);
+    }
+}
+
+/// One activation row of [`kernel_32`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn row_32<const FMT: u8>(w: &[u8], act: &[Q8Block]) -> [f32; 16] {
     let pb = match FMT {
         FMT_Q4_0 => 288,
         FMT_Q4_1 => 320,
         FMT_Q5_0 => 352,
         _ => 544,
     };
-    let offset = match FMT {
+    let offset: u8 = match FMT {
         FMT_Q4_0 => 8,
         FMT_Q5_0 => 16,
         FMT_Q8_0 => 128,
@@ -184,8 +201,10 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
     };
     let nb = w.len() / pb;
     let wp = w.as_ptr();
-    let a: [*const Q8Block; R] = std::array::from_fn(|r| acts[r].as_ptr());
-    let mut acc = [_mm512_setzero_ps(); R];
+    let a = act.as_ptr();
+    let off = _mm512_set1_epi8(offset as i8);
+    let mut acc = [_mm512_setzero_ps(); 8];
+    let mut summs = _mm512_setzero_ps();
     for b in 0..nb {
         let wb = wp.add(b * pb);
         let q = match FMT {
@@ -198,28 +217,26 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
                 q
             }
         };
-        let dw = f16x16(wb);
-        for r in 0..R {
-            let y = &*a[r].add(b);
-            let qs = y.qs.as_ptr();
-            let mut s = if offset != 0 {
-                _mm512_set1_epi32(-offset * y.sum)
-            } else {
-                _mm512_setzero_si512()
-            };
-            for (z, &qz) in q.iter().enumerate() {
-                s = _mm512_dpbusd_epi32(s, qz, act4(qs, z));
+        let y = &*a.add(b);
+        let qs = y.qs.as_ptr();
+        let scale = _mm512_mul_ps(f16x16(wb), _mm512_set1_ps(y.d));
+        for (z, &qz) in q.iter().enumerate() {
+            let y4 = act4(qs, z);
+            let mut s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qz, y4);
+            if offset != 0 {
+                s = _mm512_sub_epi32(s, _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y4));
             }
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(y.d));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
-            if FMT == FMT_Q4_1 {
-                acc[r] = _mm512_fmadd_ps(f16x16(wb.add(32)), _mm512_set1_ps(y.s), acc[r]);
-            }
+            acc[z] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[z]);
+        }
+        if FMT == FMT_Q4_1 {
+            summs = _mm512_fmadd_ps(f16x16(wb.add(32)), _mm512_set1_ps(y.s), summs);
         }
     }
-    for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
-    }
+    let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(acc[i + 4], acc[i]));
+    let sum = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+    let mut res = [0f32; 16];
+    _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(sum, summs));
+    res
 }
 
 /// Q4_K (`FIVE = false`) or Q5_K: 16 packed rows x `R` activation rows.

@@ -1,38 +1,15 @@
-//! Portable dot products, one weight block against one activation block: ggml's
-//! generic `ggml_vec_dot_*` (integer products summed exactly, then scaled once per
-//! block), used where AVX2 is missing and as the reference for the SIMD kernels.
-//!
-//! Invariant: each function returns, per block, the value ggml's generic code adds
-//! to its sum for that block; a row's dot is the in-order f32 sum of those values.
+//! Portable dot products, used where AVX2 is missing and as the reference for the
+//! SIMD kernels. For the 32-value formats, a row's dot is computed in exactly the
+//! order of ggml's x86 `ggml_vec_dot_*_q8_*` ([`row_32_ggml`]: eight f32 lanes of
+//! exact integer sums, one FMA per block and lane, ggml's horizontal sum), so the
+//! results are bit for bit llama.cpp's. For the K formats, a block's value is the
+//! one ggml's generic code adds for that block, and a row's dot is the in-order f32
+//! sum of those values.
 
 use candle_core::quantized::GgmlDType;
 
 use super::act::{Q8Block, Q8KBlock};
 use super::formats::{decode_32, decode_k, f16_at};
-
-/// Dot of one Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 block with one Q8 block.
-#[inline]
-pub(crate) fn dot_block_32(dtype: GgmlDType, w: &[u8], a: &Q8Block) -> f32 {
-    let d = f16_at(w, 0);
-    if dtype == GgmlDType::Q8_0 {
-        let sumi: i32 = w[2..34]
-            .iter()
-            .zip(&a.qs)
-            .map(|(&x, &y)| i32::from(x as i8) * i32::from(y))
-            .sum();
-        return sumi as f32 * (d * a.d);
-    }
-    let q = decode_32(dtype, w);
-    let sumi: i32 = q
-        .iter()
-        .zip(&a.qs)
-        .map(|(&x, &y)| i32::from(x) * i32::from(y))
-        .sum();
-    match dtype {
-        GgmlDType::Q4_1 | GgmlDType::Q5_1 => sumi as f32 * (d * a.d) + f16_at(w, 2) * a.s,
-        _ => sumi as f32 * (d * a.d),
-    }
-}
 
 /// Dot of one K-format super-block with one Q8_K block.
 #[inline]
@@ -62,13 +39,8 @@ pub(crate) fn dot_block_k(dtype: GgmlDType, w: &[u8], a: &Q8KBlock) -> f32 {
 
 /// `out[i * acts.len() + r] = dot(ws[i], acts[r])` for rows of 32-value blocks.
 pub(crate) fn rows_32(dtype: GgmlDType, ws: &[&[u8]], acts: &[&[Q8Block]], out: &mut [f32]) {
-    let bb = super::formats::block_bytes(dtype);
     for (o, (w, a)) in out.iter_mut().zip(pairs(ws, acts)) {
-        *o = w
-            .chunks_exact(bb)
-            .zip(a.iter())
-            .map(|(wb, ab)| dot_block_32(dtype, wb, ab))
-            .sum();
+        *o = row_32_ggml(dtype, w, a);
     }
 }
 
@@ -110,4 +82,39 @@ fn pairs<'a, A>(
 ) -> impl Iterator<Item = (&'a [u8], &'a [A])> + 'a {
     ws.iter()
         .flat_map(move |&w| acts.iter().map(move |&a| (w, a)))
+}
+
+/// ggml's x86 `hsum_float_8`: `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
+#[inline]
+pub(crate) fn hsum8(a: &[f32; 8]) -> f32 {
+    let r: [f32; 4] = std::array::from_fn(|i| a[i + 4] + a[i]);
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// One row of 32-value blocks dotted with one row of Q8 blocks in the order of
+/// ggml's AVX2 `ggml_vec_dot_*_q8_*`: eight f32 lanes (lane j holds the products
+/// of quants 4j..4j+4), each `fma(d_w d_a, lane sum, acc_j)` block after block,
+/// then [`hsum8`]; Q4_1/Q5_1 add `fma(m, s, summs)`, chained apart, at the end.
+pub(crate) fn row_32_ggml(dtype: GgmlDType, w: &[u8], a: &[Q8Block]) -> f32 {
+    let bb = super::formats::block_bytes(dtype);
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    for (wb, ab) in w.chunks_exact(bb).zip(a) {
+        let d = f16_at(wb, 0) * ab.d;
+        let q: [i8; 32] = if dtype == GgmlDType::Q8_0 {
+            std::array::from_fn(|i| wb[2 + i] as i8)
+        } else {
+            decode_32(dtype, wb)
+        };
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let s: i32 = (4 * j..4 * j + 4)
+                .map(|i| i32::from(q[i]) * i32::from(ab.qs[i]))
+                .sum();
+            *acc = d.mul_add(s as f32, *acc);
+        }
+        if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+            summs = f16_at(wb, 2).mul_add(ab.s, summs);
+        }
+    }
+    hsum8(&acc) + summs
 }

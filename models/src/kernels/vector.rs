@@ -24,6 +24,7 @@ pub fn attention_scores(
     stride: usize,
     offset: usize,
     scale: f32,
+    order: Order,
     out: &mut [f32],
 ) {
     let n = out.len();
@@ -35,13 +36,24 @@ pub fn attention_scores(
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = Avx2::detect() {
         // SAFETY: the token proves avx2/fma/f16c; the body is safe code.
-        return unsafe { scores_avx2(t, q, keys, stride, offset, scale, out) };
+        return unsafe { scores_avx2(t, q, keys, stride, offset, scale, order, out) };
     }
-    scores(q, keys, stride, offset, scale, out)
+    scores(q, keys, stride, offset, scale, order, out)
 }
 
-/// `out = sum_t p[t] * values[t * stride + offset ..][..out.len()]`.
-pub fn weighted_sum(p: &[f32], values: &[f32], stride: usize, offset: usize, out: &mut [f32]) {
+/// `out = sum_t p[t] * values[t * stride + offset ..][..out.len()]`, summed in
+/// `order` over a KV view of `n_kv` cells (see [`Order`]); `acc` is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_sum(
+    p: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    order: Order,
+    n_kv: usize,
+    acc: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let n = p.len();
     assert!(
         n == 0 || (n - 1) * stride + offset + out.len() <= values.len(),
@@ -51,9 +63,9 @@ pub fn weighted_sum(p: &[f32], values: &[f32], stride: usize, offset: usize, out
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = Avx2::detect() {
         // SAFETY: as above.
-        return unsafe { weighted_sum_avx2(t, p, values, stride, offset, out) };
+        return unsafe { weighted_sum_avx2(t, p, values, stride, offset, order, n_kv, acc, out) };
     }
-    weighted(p, values, stride, offset, out)
+    weighted(p, values, stride, offset, order, n_kv, acc, out)
 }
 
 /// Rounds every value to half precision (and back), as storing it in an F16 tensor
@@ -68,8 +80,9 @@ pub fn round_to_f16(x: &mut [f32]) {
 }
 
 /// Softmax in place, as ggml's `soft_max` computes it on AVX-512 CPUs: the maximum,
-/// then `exp(x - max)` with `ggml_v_expf` for each whole group of 16 values (libm's
-/// for the rest), each group's sum reduced in f32 and accumulated in f64, and the
+/// then `exp(x - max)` with `ggml_v_expf` for each group of 16 values (a last,
+/// partial group as if padded with masked entries, as llama.cpp's KV views are),
+/// each group's sum reduced in f32 ([`reduce16`]) and accumulated in f64, and the
 /// values scaled by `1 / sum`. Masked entries (`-inf`) become 0.
 pub fn softmax(scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -89,18 +102,19 @@ fn softmax_portable(scores: &mut [f32]) {
         for v in g.iter_mut() {
             *v = expf(*v - max);
         }
-        // _mm512_reduce_add_ps: halves added pairwise.
-        let mut h = [0f32; 8];
-        for i in 0..8 {
-            h[i] = g[i] + g[i + 8];
-        }
-        let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
-        let d = [q[0] + q[2], q[1] + q[3]];
-        sum += f64::from(d[0] + d[1]);
+        let g: &[f32; 16] = (&*g).try_into().unwrap_or(&[0.0; 16]);
+        sum += f64::from(reduce16(g));
     }
-    for v in groups.into_remainder() {
-        *v = (*v - max).exp();
-        sum += f64::from(*v);
+    // ggml's rows are padded to whole groups with masked (-inf) entries: the tail
+    // is one more group whose missing values are zeros.
+    let tail = groups.into_remainder();
+    if !tail.is_empty() {
+        let mut g = [0f32; 16];
+        for (v, g) in tail.iter_mut().zip(g.iter_mut()) {
+            *v = expf(*v - max);
+            *g = *v;
+        }
+        sum += f64::from(reduce16(&g));
     }
     let inv = (1.0 / sum) as f32;
     for v in scores.iter_mut() {
@@ -119,96 +133,139 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     swiglu_portable(gate, up)
 }
 
+/// GCC's `_mm512_reduce_add_ps`: halves, then quarters, then pairs, then the last two.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for k in 0..16 {
-            acc[k] = x[k].mul_add(y[k], acc[k]);
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in ar.iter().zip(br) {
-        sum = x.mul_add(*y, sum);
-    }
-    sum
+fn reduce16(a: &[f32; 16]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|i| a[i + 8] + a[i]);
+    let q: [f32; 4] = std::array::from_fn(|i| h[i + 4] + h[i]);
+    (q[0] + q[2]) + (q[1] + q[3])
 }
 
-/// Four dot products of `q` with four keys at once: independent FMA chains, so the
-/// loop runs at throughput rather than latency.
+/// How llama.cpp's CPU `mul_mat` over an F16 KV cache sums a dot product of `k`
+/// terms. [`Order::Gemm`]: a pass of two or more tokens goes through llamafile's
+/// tinyBLAS (16 lanes, one FMA chain each over the 16-term chunks, then
+/// [`reduce16`]) when `k` is a multiple of 16; otherwise (and for one token)
+/// `ggml_vec_dot_f16`: four chains of 16 lanes over 64-term steps, added
+/// `(0+2)+(1+3)`, [`reduce16`], then the leftover terms one by one in f64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Gemm,
+    VecDot,
+}
+
+impl Order {
+    /// The order llama.cpp uses for a pass of `tokens` tokens over `k`-term dots.
+    pub fn for_pass(tokens: usize, k: usize) -> Order {
+        if tokens >= 2 && k.is_multiple_of(16) {
+            Order::Gemm
+        } else {
+            Order::VecDot
+        }
+    }
+}
+
+/// `sum(a[i] * b[i])` in `order` (`a.len()` terms).
 #[inline(always)]
-fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
-    let mut acc = [[0f32; 8]; 4];
-    let d = q.len() / 8 * 8;
-    let mut i = 0;
-    while i < d {
-        for (j, kj) in k.iter().enumerate() {
-            for l in 0..8 {
-                acc[j][l] = q[i + l].mul_add(kj[i + l], acc[j][l]);
+fn dot(a: &[f32], b: &[f32], order: Order) -> f32 {
+    let n = a.len();
+    match order {
+        Order::Gemm => {
+            let mut acc = [0f32; 16];
+            for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+                for l in 0..16 {
+                    acc[l] = x[l].mul_add(y[l], acc[l]);
+                }
             }
+            reduce16(&acc)
         }
-        i += 8;
-    }
-    let mut out = [0f32; 4];
-    for j in 0..4 {
-        let mut s: f32 = acc[j].iter().sum();
-        for l in d..q.len() {
-            s = q[l].mul_add(k[j][l], s);
+        Order::VecDot => {
+            let np = n / 64 * 64;
+            let mut acc = [[0f32; 16]; 4];
+            for (x, y) in a[..np].chunks_exact(64).zip(b[..np].chunks_exact(64)) {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    for l in 0..16 {
+                        acc[l] = x[16 * j + l].mul_add(y[16 * j + l], acc[l]);
+                    }
+                }
+            }
+            let lanes: [f32; 16] =
+                std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+            let mut sum = f64::from(reduce16(&lanes));
+            for (x, y) in a[np..].iter().zip(&b[np..]) {
+                sum += f64::from(x * y);
+            }
+            sum as f32
         }
-        out[j] = s;
     }
-    out
 }
 
 #[inline(always)]
-fn scores(q: &[f32], keys: &[f32], stride: usize, offset: usize, scale: f32, out: &mut [f32]) {
+fn scores(
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    order: Order,
+    out: &mut [f32],
+) {
     let d = q.len();
-    let key = |t: usize| &keys[t * stride + offset..t * stride + offset + d];
-    let n = out.len();
-    let mut t = 0;
-    while t + 4 <= n {
-        let s = dot4(q, [key(t), key(t + 1), key(t + 2), key(t + 3)]);
-        for j in 0..4 {
-            out[t + j] = s[j] * scale;
-        }
-        t += 4;
-    }
-    while t < n {
-        out[t] = dot(q, key(t)) * scale;
-        t += 1;
+    for (t, o) in out.iter_mut().enumerate() {
+        let key = &keys[t * stride + offset..t * stride + offset + d];
+        *o = dot(key, q, order) * scale;
     }
 }
 
+/// `out[i] = sum_t p[t] * value(t)[i]` in `order`, over a KV view of `n_kv` cells
+/// (`p.len()` of them used, the rest zero). `acc` is scratch.
 #[inline(always)]
-fn weighted(p: &[f32], values: &[f32], stride: usize, offset: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn weighted(
+    p: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    order: Order,
+    n_kv: usize,
+    acc: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let d = out.len();
     let value = |t: usize| &values[t * stride + offset..t * stride + offset + d];
-    out.fill(0.0);
     let n = p.len();
-    let mut t = 0;
-    // Four positions per pass over `out`: a quarter of the loads and stores.
-    while t + 4 <= n {
-        let (w, v) = (
-            [p[t], p[t + 1], p[t + 2], p[t + 3]],
-            [value(t), value(t + 1), value(t + 2), value(t + 3)],
-        );
-        for (i, o) in out.iter_mut().enumerate() {
-            let mut acc = *o;
-            for j in 0..4 {
-                acc = w[j].mul_add(v[j][i], acc);
-            }
-            *o = acc;
+    // acc[(chain * 16 + lane) * d + i]: one FMA chain per output, lane and chain.
+    let chains = if order == Order::Gemm { 1 } else { 4 };
+    acc.clear();
+    acc.resize(chains * 16 * d, 0.0);
+    let vector_part = match order {
+        Order::Gemm => n,
+        Order::VecDot => n.min(n_kv / 64 * 64),
+    };
+    for (t, &w) in p.iter().enumerate().take(vector_part) {
+        let slot = match order {
+            Order::Gemm => t % 16,
+            Order::VecDot => t % 64,
+        };
+        let v = value(t);
+        let a = &mut acc[slot * d..(slot + 1) * d];
+        for (a, &x) in a.iter_mut().zip(v) {
+            *a = x.mul_add(w, *a);
         }
-        t += 4;
     }
-    while t < n {
-        let (w, v) = (p[t], value(t));
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o = w.mul_add(x, *o);
-        }
-        t += 1;
+    for (i, o) in out.iter_mut().enumerate() {
+        let lane = |c: usize, l: usize| acc[(c * 16 + l) * d + i];
+        *o = match order {
+            Order::Gemm => reduce16(&std::array::from_fn(|l| lane(0, l))),
+            Order::VecDot => {
+                let lanes: [f32; 16] =
+                    std::array::from_fn(|l| (lane(0, l) + lane(2, l)) + (lane(1, l) + lane(3, l)));
+                let mut sum = f64::from(reduce16(&lanes));
+                for (t, &w) in p.iter().enumerate().skip(vector_part) {
+                    sum += f64::from(value(t)[i] * w);
+                }
+                sum as f32
+            }
+        };
     }
 }
 
@@ -255,6 +312,7 @@ fn swiglu_portable(gate: &mut [f32], up: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 fn scores_avx2(
     _: Avx2,
     q: &[f32],
@@ -262,22 +320,27 @@ fn scores_avx2(
     stride: usize,
     offset: usize,
     scale: f32,
+    order: Order,
     out: &mut [f32],
 ) {
-    scores(q, keys, stride, offset, scale, out)
+    scores(q, keys, stride, offset, scale, order, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 fn weighted_sum_avx2(
     _: Avx2,
     p: &[f32],
     values: &[f32],
     stride: usize,
     offset: usize,
+    order: Order,
+    n_kv: usize,
+    acc: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    weighted(p, values, stride, offset, out)
+    weighted(p, values, stride, offset, order, n_kv, acc, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -336,22 +399,84 @@ mod tests {
         assert_eq!(expf(200.0), f32::INFINITY);
     }
 
+    /// The weighted sum (a pass over positions, one chain per output, lane and
+    /// chain) sums each output in the same order as `dot` over that output's column,
+    /// for both of llama.cpp's orders, whole 64-term steps or not, with the KV view's
+    /// padding deciding which terms are leftovers.
+    #[test]
+    fn weighted_sum_sums_each_output_as_dot_does() {
+        let d = 8;
+        for (n, n_kv) in [
+            (5, 32),
+            (37, 64),
+            (64, 64),
+            (70, 96),
+            (130, 160),
+            (160, 160),
+        ] {
+            let (p, v) = (values(n), values(n * d));
+            for order in [Order::Gemm, Order::VecDot] {
+                let (mut out, mut acc) = (vec![0.0; d], Vec::new());
+                weighted(&p, &v, d, 0, order, n_kv, &mut acc, &mut out);
+                for (i, &o) in out.iter().enumerate() {
+                    // The view's unused cells are zeros in both operands.
+                    let mut col: Vec<f32> = (0..n).map(|t| v[t * d + i]).collect();
+                    let mut pp = p.clone();
+                    col.resize(n_kv, 0.0);
+                    pp.resize(n_kv, 0.0);
+                    let want = dot(&col, &pp, order);
+                    assert_eq!(
+                        o.to_bits(),
+                        want.to_bits(),
+                        "n {n} n_kv {n_kv} {order:?} output {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn orders_follow_the_pass() {
+        assert_eq!(Order::for_pass(1, 64), Order::VecDot);
+        assert_eq!(Order::for_pass(7, 64), Order::Gemm);
+        assert_eq!(Order::for_pass(7, 40), Order::VecDot);
+        // ggml_vec_dot_f16: the leftovers past the last 64-term step are summed in f64.
+        let (a, b) = (values(70), values(70));
+        let head: f32 = {
+            let mut acc = [[0f32; 16]; 4];
+            for j in 0..4 {
+                for l in 0..16 {
+                    acc[j][l] = a[16 * j + l] * b[16 * j + l];
+                }
+            }
+            reduce16(&std::array::from_fn(|l| {
+                (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l])
+            }))
+        };
+        let tail: f64 = (64..70).map(|i| f64::from(a[i] * b[i])).sum();
+        let want = (f64::from(head) + tail) as f32;
+        let mut sum = f64::from(head);
+        for i in 64..70 {
+            sum += f64::from(a[i] * b[i]);
+        }
+        assert_eq!(dot(&a, &b, Order::VecDot), sum as f32);
+        assert!((dot(&a, &b, Order::VecDot) - want).abs() <= 1e-5 * want.abs().max(1.0));
+    }
+
     #[test]
     fn simd_and_portable_builds_agree() {
         let (q, keys) = (values(64), values(64 * 3 * 10));
-        let mut a = vec![0.0; 10];
-        let mut b = vec![0.0; 10];
-        attention_scores(&q, &keys, 192, 64, 0.125, &mut a);
-        scores(&q, &keys, 192, 64, 0.125, &mut b);
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
-        }
-        let p = values(10);
-        let (mut a, mut b) = (vec![0.0; 64], vec![0.0; 64]);
-        weighted_sum(&p, &keys, 192, 64, &mut a);
-        weighted(&p, &keys, 192, 64, &mut b);
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        for order in [Order::Gemm, Order::VecDot] {
+            let mut a = vec![0.0; 10];
+            let mut b = vec![0.0; 10];
+            attention_scores(&q, &keys, 192, 64, 0.125, order, &mut a);
+            scores(&q, &keys, 192, 64, 0.125, order, &mut b);
+            assert_eq!(a, b);
+            let p = values(10);
+            let (mut a, mut b, mut acc) = (vec![0.0; 64], vec![0.0; 64], Vec::new());
+            weighted_sum(&p, &keys, 192, 64, order, 32, &mut acc, &mut a);
+            weighted(&p, &keys, 192, 64, order, 32, &mut acc, &mut b);
+            assert_eq!(a, b);
         }
         let mut a = values(37);
         let mut b = a.clone();
