@@ -212,7 +212,15 @@ fn greedy_follows_llama_cpp() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let model: &mut dyn LanguageModel = &mut **guard;
     let ends = end_ids(model.tokenizer());
-    common::check_greedy(model, fixture(), &ends, MUST_AGREE, NEAR_TIE);
+    let whole = common::check_greedy(model, fixture(), &ends, MUST_AGREE, NEAR_TIE);
+    // Every op follows ggml-cpu's order of operations for this file's formats (Q5_0,
+    // Q8_0, repacked Q4_K, Q6_K, F16 KV cache), so each continuation is llama.cpp's.
+    assert_eq!(
+        whole,
+        fixture().greedy.len(),
+        "gemma3: {whole}/{} prompts exactly as llama.cpp",
+        fixture().greedy.len()
+    );
 }
 
 #[test]
@@ -281,8 +289,11 @@ fn forward_pass_invariants() {
     }
     assert_eq!(argmax(&chunked), argmax(&whole));
     assert_eq!(argmax(&stepped), argmax(&whole));
+    // Chunks are summed in llama.cpp's order for passes of their own length (its
+    // Q4_K GEMM takes rows in groups of 4 of a pass), as two llama.cpp batches are:
+    // close, not equal.
     assert!(
-        max_diff(&whole, &chunked) < 0.05,
+        max_diff(&whole, &chunked) < STEP_TOLERANCE,
         "{}",
         max_diff(&whole, &chunked)
     );
@@ -362,7 +373,8 @@ fn first_step_logits_are_close_to_llama_cpp() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let model: &mut dyn LanguageModel = &mut **guard;
-    common::check_first_logits(model, fixture(), 1.5);
+    // Bit for bit llama.cpp's; the fixture keeps 7 significant digits.
+    common::check_first_logits(model, fixture(), 1e-4);
 }
 
 #[test]

@@ -20,8 +20,9 @@
 //! - a handle's cache holds exactly [`crate::LanguageModel::cached_tokens`] positions
 //!   (its [`Sequence`] counts them); a pass starts at that position;
 //! - a batch runs only handles of the same weights; each row attends only to its own
-//!   sequence, so a sequence's logits do not depend on what runs beside it (up to
-//!   float summation order inside the matmul, which is row-independent);
+//!   sequence and every sum is taken in the order llama.cpp uses for that sequence's
+//!   own pass (its token count decides), so a sequence's logits do not depend on what
+//!   runs beside it, bit for bit;
 //! - a failed or panicking pass poisons every handle in it until `reset`;
 //! - the usable context is the file's `context_length` (capped at
 //!   [`MAX_CONTEXT`]).
@@ -421,6 +422,7 @@ impl Weights {
             }
         }
         let m = rows_seq.len();
+        let seq_lens: Vec<usize> = seqs.iter().map(|q| q.tokens.len()).collect();
         let n_ff = self.layers.first().map_or(0, |l| l.gate_up.n_ff());
         let mut s = Scratch {
             x: vec![0.0; m * e],
@@ -453,13 +455,13 @@ impl Weights {
             match &layer.qkv {
                 Qkv::Split { wq, wk, wv } => QWeight::matmul_many(
                     &s.h,
-                    m,
+                    &seq_lens,
                     &mut [(wq, &mut s.q), (wk, &mut s.k), (wv, &mut s.v)],
                 ),
                 Qkv::Fused(w) => {
                     let width = w.rows();
                     s.fused.resize(m * width, 0.0);
-                    w.matmul(&s.h, m, &mut s.fused);
+                    w.matmul_seqs(&s.h, &seq_lens, &mut s.fused);
                     split_rows(&s.fused, width, 0, &mut s.q, qw);
                     split_rows(&s.fused, width, qw, &mut s.k, kvw);
                     split_rows(&s.fused, width, qw + kvw, &mut s.v, kvw);
@@ -508,7 +510,7 @@ impl Weights {
                 r += n;
             }
             self.attention(li, seqs, &rows_seq, &rows_pos, &s.q, &mut s.att);
-            layer.wo.matmul(&s.att, m, &mut s.o);
+            layer.wo.matmul_seqs(&s.att, &seq_lens, &mut s.o);
             if let Some(w) = &layer.post_attn_norm {
                 s.o.chunks_exact_mut(e)
                     .for_each(|row| ops::rms_norm_in_place(row, w, c.eps));
@@ -519,13 +521,15 @@ impl Weights {
                 ops::rms_norm(x, &layer.ffn_norm, c.eps, h);
             }
             match &layer.gate_up {
-                GateUp::Split { gate, up } => {
-                    QWeight::matmul_many(&s.h, m, &mut [(gate, &mut s.gate), (up, &mut s.up)])
-                }
+                GateUp::Split { gate, up } => QWeight::matmul_many(
+                    &s.h,
+                    &seq_lens,
+                    &mut [(gate, &mut s.gate), (up, &mut s.up)],
+                ),
                 GateUp::Fused(w) => {
                     let width = w.rows();
                     s.fused.resize(m * width, 0.0);
-                    w.matmul(&s.h, m, &mut s.fused);
+                    w.matmul_seqs(&s.h, &seq_lens, &mut s.fused);
                     split_rows(&s.fused, width, 0, &mut s.gate, n_ff);
                     split_rows(&s.fused, width, n_ff, &mut s.up, n_ff);
                 }
@@ -534,7 +538,7 @@ impl Weights {
                 Activation::Silu => ops::swiglu(&mut s.gate, &s.up),
                 Activation::GeluTanh => ops::geglu(&mut s.gate, &s.up),
             }
-            layer.down.matmul(&s.gate, m, &mut s.o);
+            layer.down.matmul_seqs(&s.gate, &seq_lens, &mut s.o);
             if let Some(w) = &layer.post_ffn_norm {
                 s.o.chunks_exact_mut(e)
                     .for_each(|row| ops::rms_norm_in_place(row, w, c.eps));
@@ -555,7 +559,8 @@ impl Weights {
         let output = self.output.as_ref().unwrap_or(&self.embedding);
         let vocab = output.rows();
         let mut logits = vec![0.0; seqs.len() * vocab];
-        output.matmul(&last, seqs.len(), &mut logits);
+        // One output row per sequence, each a one-row product as in llama.cpp.
+        output.matmul_seqs(&last, &vec![1; seqs.len()], &mut logits);
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 

@@ -109,15 +109,18 @@ pub(crate) fn rows_k(
     ws: &[&[u8]],
     acts: &[&[Q8KBlock]],
     out: &mut [f32],
+    prompt: bool,
 ) {
     check(ws, block_bytes(dtype), acts, out);
     // SAFETY: the token proves the CPU features; `check` proved shape and lengths.
     unsafe {
         match dtype {
-            GgmlDType::Q4K => by_shape!(kernel_q45k, [false], ws, acts, out),
-            GgmlDType::Q5K => by_shape!(kernel_q45k, [true], ws, acts, out),
+            GgmlDType::Q4K if prompt => by_shape!(kernel_q45k, [false, true], ws, acts, out),
+            GgmlDType::Q4K => by_shape!(kernel_q45k, [false, false], ws, acts, out),
+            GgmlDType::Q5K if prompt => by_shape!(kernel_q45k, [true, true], ws, acts, out),
+            GgmlDType::Q5K => by_shape!(kernel_q45k, [true, false], ws, acts, out),
             GgmlDType::Q6K => by_shape!(kernel_q6k, [], ws, acts, out),
-            _ => scalar::rows_k(dtype, ws, acts, out),
+            _ => scalar::rows_k(dtype, ws, acts, out, prompt),
         }
     }
 }
@@ -280,6 +283,16 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// The sum of the 8 i32 lanes (exact: callers' totals fit in i32).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
 /// Sums of adjacent pairs of u8 x i8 products, widened to 8 lanes of i32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -390,7 +403,7 @@ unsafe fn kernel_32<const FMT: u8, const RW: usize, const R: usize>(
 /// # Safety
 /// avx2/fma/f16c present; shape and lengths as checked by [`check`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn kernel_q45k<const FIVE: bool, const RW: usize, const R: usize>(
+unsafe fn kernel_q45k<const FIVE: bool, const PROMPT: bool, const RW: usize, const R: usize>(
     ws: &[&[u8]],
     acts: &[&[Q8KBlock]],
     out: &mut [f32],
@@ -399,8 +412,8 @@ unsafe fn kernel_q45k<const FIVE: bool, const RW: usize, const R: usize>(
     let qs_at = if FIVE { 48 } else { 16 };
     let nb = ws[0].len() / bb;
     let a: [*const Q8KBlock; R] = std::array::from_fn(|r| acts[r].as_ptr());
-    let mut acc = [[_mm256_setzero_ps(); R]; RW];
-    let mut acc_m = [[_mm256_setzero_ps(); R]; RW];
+    let mut acc = [[0f32; R]; RW];
+    let mut acc_m = [[0f32; R]; RW];
     let m4 = _mm256_set1_epi8(0x0F);
     for b in 0..nb {
         for i in 0..RW {
@@ -409,11 +422,13 @@ unsafe fn kernel_q45k<const FIVE: bool, const RW: usize, const R: usize>(
             let dmin = f16_at(wb.as_ptr().add(2));
             let mut sc = [_mm256_setzero_si256(); 8];
             let mut mins = [0i16; 16];
+            let mut mins_k = [0u8; 8];
             for j in 0..8 {
                 let (s, m) = scale_min_k4(j, &wb[4..16]);
                 sc[j] = _mm256_set1_epi16(i16::from(s));
                 mins[2 * j] = i16::from(m);
                 mins[2 * j + 1] = i16::from(m);
+                mins_k[j] = m;
             }
             let mins = _mm256_loadu_si256(mins.as_ptr().cast());
             let qh = if FIVE {
@@ -442,22 +457,36 @@ unsafe fn kernel_q45k<const FIVE: bool, const RW: usize, const R: usize>(
                     let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), sc[2 * c]);
                     let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), sc[2 * c + 1]);
                     isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(plo, phi));
+                    if PROMPT {
+                        // ggml's Q4_K GEMM: one FMA per 64 values.
+                        let y = &*a[r].add(b);
+                        let bs = &y.bsums[4 * c..4 * c + 4];
+                        let mt = i32::from(mins_k[2 * c]) * (i32::from(bs[0]) + i32::from(bs[1]))
+                            + i32::from(mins_k[2 * c + 1]) * (i32::from(bs[2]) + i32::from(bs[3]));
+                        acc[i][r] = (hsum_epi32(isum[r]) as f32).mul_add(d * y.d, acc[i][r]);
+                        acc_m[i][r] = (mt as f32).mul_add(dmin * y.d, acc_m[i][r]);
+                        isum[r] = _mm256_setzero_si256();
+                    }
                 }
+            }
+            if PROMPT {
+                continue;
             }
             for r in 0..R {
                 let y = &*a[r].add(b);
                 let bsums = _mm256_loadu_si256(y.bsums.as_ptr().cast());
                 let pm = _mm256_madd_epi16(bsums, mins);
-                let dy = _mm256_set1_ps(d * y.d);
-                acc[i][r] = _mm256_fmadd_ps(dy, _mm256_cvtepi32_ps(isum[r]), acc[i][r]);
-                let my = _mm256_set1_ps(-dmin * y.d);
-                acc_m[i][r] = _mm256_fmadd_ps(my, _mm256_cvtepi32_ps(pm), acc_m[i][r]);
+                // ggml's repacked Q4_K GEMV: the block's exact integer totals, one
+                // FMA chain for the scales and one for the mins, subtracted at the end.
+                let (it, mt) = (hsum_epi32(isum[r]), hsum_epi32(pm));
+                acc[i][r] = (it as f32).mul_add(d * y.d, acc[i][r]);
+                acc_m[i][r] = (mt as f32).mul_add(dmin * y.d, acc_m[i][r]);
             }
         }
     }
     for i in 0..RW {
         for r in 0..R {
-            out[i * R + r] = hsum_ps(_mm256_add_ps(acc[i][r], acc_m[i][r]));
+            out[i * R + r] = acc[i][r] - acc_m[i][r];
         }
     }
 }
@@ -482,12 +511,12 @@ unsafe fn kernel_q6k<const RW: usize, const R: usize>(
     let m_c = _mm256_set1_epi8(0x0C);
     let m_30 = _mm256_set1_epi8(0x30);
     let m_c0 = _mm256_set1_epi8(0xC0u8 as i8);
+    let m32 = _mm256_set1_epi8(32);
     for b in 0..nb {
         for i in 0..RW {
             let wb = w[i].add(b * BB);
             let d = f16_at(wb.add(208));
             let scales = std::slice::from_raw_parts(wb.add(192), 16);
-            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192).cast()));
             // Scale pairs for each 32 values: sub-blocks 2k (low lane) and 2k + 1 (high).
             let mut sv = [_mm256_setzero_si256(); 8];
             for (k, v) in sv.iter_mut().enumerate() {
@@ -523,19 +552,21 @@ unsafe fn kernel_q6k<const RW: usize, const R: usize>(
                     let y = (*a[r].add(b)).qs.as_ptr().add(128 * n);
                     for (k, &uk) in u.iter().enumerate() {
                         let qy = _mm256_loadu_si256(y.add(32 * k).cast());
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(uk, qy), sv[4 * n + k]);
+                        // The -32 offset in every pair (as ggml: lane L keeps the
+                        // products of quants 4L..4L+4 of each 32).
+                        let p16 = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(uk, qy),
+                            _mm256_maddubs_epi16(m32, qy),
+                        );
+                        let p = _mm256_madd_epi16(p16, sv[4 * n + k]);
                         isum[r] = _mm256_add_epi32(isum[r], p);
                     }
                 }
             }
             for r in 0..R {
                 let y = &*a[r].add(b);
-                let bsums = _mm256_loadu_si256(y.bsums.as_ptr().cast());
-                // The -32 offset of every quant: 32 * sum_j scale_j * bsum_j.
-                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bsums, sc16));
-                let isum = _mm256_sub_epi32(isum[r], off);
-                let dy = _mm256_set1_ps(d * y.d);
-                acc[i][r] = _mm256_fmadd_ps(dy, _mm256_cvtepi32_ps(isum), acc[i][r]);
+                let dy = _mm256_set1_ps(y.d * d);
+                acc[i][r] = _mm256_fmadd_ps(dy, _mm256_cvtepi32_ps(isum[r]), acc[i][r]);
             }
         }
     }

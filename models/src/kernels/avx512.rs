@@ -15,11 +15,10 @@
 //! Q6_K before their -8 / -16 / -32 offset), and the offset times the activations'
 //! exact quant sum is subtracted in i32: `sum((q+o) a) - o sum(a)` is the integer
 //! dot exactly (no i16 saturation anywhere: `vpdpbusd` widens to i32). The 32-value
-//! formats keep ggml's eight lanes apart and sum them in its order, so they equal
-//! the scalar kernels bit for bit. K formats: scales multiply the exact i32
-//! sub-block sums (`vpmulld`), mins use `vpdpwssd` with Q8_K's `bsums`, and the f32
-//! scaling per block is ggml's; they equal the scalar kernels up to f32 summation
-//! order.
+//! formats and Q6_K keep ggml's eight lanes apart and sum them in its order; Q4_K and
+//! Q5_K follow llama.cpp's repacked Q4_K GEMV/GEMM (scales multiply the exact i32
+//! sub-block sums with `vpmulld`, mins use `vpdpwssd` with Q8_K's `bsums`, one FMA
+//! chain for each). Every kernel equals the scalar one bit for bit.
 
 #![allow(unsafe_code)]
 
@@ -110,14 +109,17 @@ pub(crate) fn group_k(
     w: &[u8],
     acts: &[&[Q8KBlock]],
     out: &mut GroupOut,
+    prompt: bool,
 ) {
     check(w, packed_block_bytes(dtype), acts);
     // SAFETY: the token proves the CPU features; `check` proved the lengths.
     unsafe {
         match dtype {
             GgmlDType::Q6K => by_rows!(kernel_q6k, [], w, acts, out),
-            GgmlDType::Q5K => by_rows!(kernel_q45k, [true], w, acts, out),
-            _ => by_rows!(kernel_q45k, [false], w, acts, out),
+            GgmlDType::Q5K if prompt => by_rows!(kernel_q45k, [true, true], w, acts, out),
+            GgmlDType::Q5K => by_rows!(kernel_q45k, [true, false], w, acts, out),
+            _ if prompt => by_rows!(kernel_q45k, [false, true], w, acts, out),
+            _ => by_rows!(kernel_q45k, [false, false], w, acts, out),
         }
     }
 }
@@ -244,7 +246,7 @@ unsafe fn row_32<const FMT: u8>(w: &[u8], act: &[Q8Block]) -> [f32; 16] {
 /// # Safety
 /// CPU features as in [`Avx512::detect`]; lengths as checked by [`check`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn kernel_q45k<const FIVE: bool, const R: usize>(
+unsafe fn kernel_q45k<const FIVE: bool, const PROMPT: bool, const R: usize>(
     w: &[u8],
     acts: &[&[Q8KBlock]],
     out: &mut GroupOut,
@@ -253,65 +255,85 @@ unsafe fn kernel_q45k<const FIVE: bool, const R: usize>(
     let nb = w.len() / pb;
     let wp = w.as_ptr();
     let a: [*const Q8KBlock; R] = std::array::from_fn(|r| acts[r].as_ptr());
+    // ggml's repacked Q4_K order: one FMA chain for the scales, one for the mins.
     let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_m = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let wb = wp.add(b * pb);
+        let dw = f16x16(wb);
+        let dmin = f16x16(wb.add(32));
+        let scale: [__m512; R] =
+            std::array::from_fn(|r| _mm512_mul_ps(dw, _mm512_set1_ps((*a[r].add(b)).d)));
+        let mscale: [__m512; R] =
+            std::array::from_fn(|r| _mm512_mul_ps(dmin, _mm512_set1_ps((*a[r].add(b)).d)));
         let mut isum = [_mm512_setzero_si512(); R];
+        let mut msum = [_mm512_setzero_si512(); R];
         for j in 0..8 {
             let mut q = nibbles(wb.add(320 + 256 * j));
             if FIVE {
                 add_fifth_bits(&mut q, wb.add(2368 + 64 * j));
             }
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(wb.add(64 + 16 * j).cast()));
+            // Mins: lane i gets min[j][i] * (bsums[2j] + bsums[2j + 1]), with the min
+            // in both i16 halves of its lane against the pair of bsums.
+            let mn = _mm512_cvtepu8_epi32(_mm_loadu_si128(wb.add(192 + 16 * j).cast()));
+            let m2 = _mm512_or_si512(mn, _mm512_slli_epi32::<16>(mn));
             for r in 0..R {
-                let qs = (*a[r].add(b)).qs.as_ptr().add(32 * j);
+                let y = &*a[r].add(b);
+                let qs = y.qs.as_ptr().add(32 * j);
                 let mut s = _mm512_setzero_si512();
                 for (z, &qz) in q.iter().enumerate() {
                     s = _mm512_dpbusd_epi32(s, qz, act4(qs, z));
                 }
                 isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(s, sc));
-            }
-        }
-        // Mins: lane i gets sum_j min[j][i] * (bsums[2j] + bsums[2j + 1]), with each
-        // min in both i16 halves of its lane against the pair of bsums.
-        let mut msum = [_mm512_setzero_si512(); R];
-        for j in 0..8 {
-            let m = _mm512_cvtepu8_epi32(_mm_loadu_si128(wb.add(192 + 16 * j).cast()));
-            let m2 = _mm512_or_si512(m, _mm512_slli_epi32::<16>(m));
-            for r in 0..R {
-                let bs = (*a[r].add(b)).bsums.as_ptr().add(2 * j);
+                let bs = y.bsums.as_ptr().add(2 * j);
                 let pair = _mm512_set1_epi32(std::ptr::read_unaligned(bs.cast::<i32>()));
                 msum[r] = _mm512_dpwssd_epi32(msum[r], m2, pair);
             }
-        }
-        let dw = f16x16(wb);
-        let dmin = f16x16(wb.add(32));
-        for r in 0..R {
-            let yd = _mm512_set1_ps((*a[r].add(b)).d);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dw, yd), acc[r]);
-            acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[r]), _mm512_mul_ps(dmin, yd), acc[r]);
+            // GEMV: one FMA per block; GEMM (prompt rows): one per 64 values.
+            if j == 7 || (PROMPT && j % 2 == 1) {
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), scale[r], acc[r]);
+                    acc_m[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum[r]), mscale[r], acc_m[r]);
+                    isum[r] = _mm512_setzero_si512();
+                    msum[r] = _mm512_setzero_si512();
+                }
+            }
         }
     }
     for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_sub_ps(acc[r], acc_m[r]));
     }
 }
 
-/// Q6_K: 16 packed rows x `R` activation rows.
+/// Q6_K: 16 packed rows x `R` activation rows, one activation row at a time, in the
+/// order of ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: register z of a 32-value part holds
+/// quants 4z..4z+4 of each row, ggml's lane z; each lane gets its own -32 offset and
+/// scale, its own FMA chain per block, and the lanes are added as `hsum_float_8` does.
 ///
 /// # Safety
 /// CPU features as in [`Avx512::detect`]; lengths as checked by [`check`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn kernel_q6k<const R: usize>(w: &[u8], acts: &[&[Q8KBlock]], out: &mut GroupOut) {
+    for r in 0..R {
+        out[r] = row_q6k(w, acts[r]);
+    }
+}
+
+/// One activation row of [`kernel_q6k`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn row_q6k(w: &[u8], act: &[Q8KBlock]) -> [f32; 16] {
     const PB: usize = 3360;
     let nb = w.len() / PB;
     let wp = w.as_ptr();
-    let a: [*const Q8KBlock; R] = std::array::from_fn(|r| acts[r].as_ptr());
-    let mut acc = [_mm512_setzero_ps(); R];
     let m30 = _mm512_set1_epi8(0x30);
+    let off = _mm512_set1_epi8(32);
+    let mut acc = [_mm512_setzero_ps(); 8];
     for b in 0..nb {
         let wb = wp.add(b * PB);
-        let mut isum = [_mm512_setzero_si512(); R];
+        let y = &*act.as_ptr().add(b);
+        let mut lanes = [_mm512_setzero_si512(); 8];
         for p in 0..8 {
             let at = wb.add(288 + 384 * p);
             let mut q = nibbles(at);
@@ -332,27 +354,25 @@ unsafe fn kernel_q6k<const R: usize>(w: &[u8], acts: &[&[Q8KBlock]], out: &mut G
             }
             let sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(wb.add(32 + 32 * p).cast()));
             let sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(wb.add(48 + 32 * p).cast()));
-            for r in 0..R {
-                let y = &*a[r].add(b);
-                let qs = y.qs.as_ptr().add(32 * p);
-                // Start each 16-value sub-block at -32 * its quant sum (the offset).
-                let mut s0 = _mm512_set1_epi32(-32 * i32::from(y.bsums[2 * p]));
-                let mut s1 = _mm512_set1_epi32(-32 * i32::from(y.bsums[2 * p + 1]));
-                for z in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, q[z], act4(qs, z));
-                    s1 = _mm512_dpbusd_epi32(s1, q[z + 4], act4(qs, z + 4));
-                }
-                let s = _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0), _mm512_mullo_epi32(s1, sc1));
-                isum[r] = _mm512_add_epi32(isum[r], s);
+            let qs = y.qs.as_ptr().add(32 * p);
+            for (z, &qz) in q.iter().enumerate() {
+                let y4 = act4(qs, z);
+                let s = _mm512_sub_epi32(
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), qz, y4),
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y4),
+                );
+                let sc = if z < 4 { sc0 } else { sc1 };
+                lanes[z] = _mm512_add_epi32(lanes[z], _mm512_mullo_epi32(s, sc));
             }
         }
-        let dw = f16x16(wb);
-        for r in 0..R {
-            let yd = _mm512_set1_ps((*a[r].add(b)).d);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dw, yd), acc[r]);
+        let d = _mm512_mul_ps(_mm512_set1_ps(y.d), f16x16(wb));
+        for (acc, &lane) in acc.iter_mut().zip(&lanes) {
+            *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane), *acc);
         }
     }
-    for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
-    }
+    let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(acc[i + 4], acc[i]));
+    let sum = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+    let mut res = [0f32; 16];
+    _mm512_storeu_ps(res.as_mut_ptr(), sum);
+    res
 }

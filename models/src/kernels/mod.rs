@@ -22,12 +22,20 @@
 //!    while it stays in cache (for a single activation row on AVX2, 4 weight rows
 //!    per call keep 4 accumulator chains busy).
 //!
+//! Numerics: every dot of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q4_K/Q5_K and Q6_K weights is
+//! summed in the order llama.cpp's x86 CPU code uses (see `scalar.rs`), so results
+//! are bit for bit llama.cpp's and the SIMD paths equal the scalar one exactly. For
+//! Q4_K/Q5_K that order depends on the row's place in its pass, as llama.cpp's
+//! repacked Q4_K kernels do: the rows of a sequence in whole groups of 4 take the
+//! GEMM order, the rest (and every decode step) the GEMV order ([`prompt_rows`],
+//! [`QWeight::matmul_seqs`]).
+//!
 //! Invariants: `data` holds the `rows` rows as GGUF blocks, row-major, except that
 //! when `packed` the first `rows / 16` groups of 16 rows are in `pack.rs`'s layout
 //! (same information, [`QWeight::dequantize_row`] unpacks); `cols` is a multiple of
 //! the block length (32, or 256 for K formats). Results do not depend on the thread
-//! count or on `m` (each output is one kernel's dot of one weight row with one
-//! activation row), and equal the scalar path up to f32 summation order. Mismatched
+//! count, nor on other sequences' rows (each output is one kernel's dot of one weight
+//! row with one activation row, in the order its own sequence gives it). Mismatched
 //! slice lengths in [`QWeight::matmul`] / [`QWeight::dequantize_row`] are programming
 //! errors and panic with a message; malformed tensors are refused with an error at
 //! construction.
@@ -299,7 +307,24 @@ impl QWeight {
         self.matmul_with(x, m, out, detect_isa());
     }
 
+    /// [`QWeight::matmul`] over the rows of several sequences, `seq_lens[s]` rows
+    /// each, one after the other: each row is summed in the order llama.cpp uses for
+    /// its place in its own sequence's pass ([`prompt_rows`]), so a row's result does
+    /// not depend on the other sequences.
+    ///
+    /// # Panics
+    /// As [`QWeight::matmul`], with `m` the sum of `seq_lens`.
+    pub fn matmul_seqs(&self, x: &[f32], seq_lens: &[usize], out: &mut [f32]) {
+        let m = seq_lens.iter().sum();
+        self.matmul_ordered(x, m, &prompt_rows(seq_lens), out, detect_isa());
+    }
+
+    /// One sequence of `m` rows.
     fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], isa: Isa) {
+        self.matmul_ordered(x, m, &prompt_rows(&[m]), out, isa)
+    }
+
+    fn matmul_ordered(&self, x: &[f32], m: usize, prompt: &[bool], out: &mut [f32], isa: Isa) {
         assert!(
             x.len() == m * self.cols && out.len() == m * self.rows,
             "QWeight::matmul: {m} rows of activations need x of {} and out of {} values, got {} and {}",
@@ -313,17 +338,18 @@ impl QWeight {
         }
         if self.packed && isa.avx512.is_none() {
             // Only tests get here: packing happens where AVX-512 VNNI exists.
-            return self.unpacked().matmul_with(x, m, out, isa);
+            return self.unpacked().matmul_ordered(x, m, prompt, out, isa);
         }
         let dtype = self.dtype;
         let simd = isa.avx2;
-        let none = |_: &[u8], _: &[&[f32]], _: &mut GroupOut| {};
+        let none = |_: &[u8], _: &[&[f32]], _: &mut GroupOut, _: bool| {};
         match dtype {
             GgmlDType::F32 => self.drive(
                 x,
                 self.cols,
+                prompt,
                 out,
-                |w, a, o| dot_float(simd, dtype, w, a, o),
+                |w, a, o, _| dot_float(simd, dtype, w, a, o),
                 none,
             ),
             GgmlDType::F16 => {
@@ -332,8 +358,9 @@ impl QWeight {
                 self.drive(
                     &xr,
                     self.cols,
+                    prompt,
                     out,
-                    |w, a, o| dot_float(simd, dtype, w, a, o),
+                    |w, a, o, _| dot_float(simd, dtype, w, a, o),
                     none,
                 );
             }
@@ -345,9 +372,10 @@ impl QWeight {
                 self.drive(
                     &q,
                     self.cols / QK_K,
+                    prompt,
                     out,
-                    |w, a, o| dot_k(simd, dtype, w, a, o),
-                    |w, a, o| group_k(isa, dtype, w, a, o),
+                    |w, a, o, p| dot_k(simd, dtype, w, a, o, p),
+                    |w, a, o, p| group_k(isa, dtype, w, a, o, p),
                 );
                 Q8K_BUF.with(|b| b.replace(q));
             }
@@ -359,23 +387,26 @@ impl QWeight {
                 self.drive(
                     &q,
                     self.cols / QK8,
+                    prompt,
                     out,
-                    |w, a, o| dot_32(simd, dtype, w, a, o),
-                    |w, a, o| group_32(isa, dtype, w, a, o),
+                    |w, a, o, _| dot_32(simd, dtype, w, a, o),
+                    |w, a, o, _| group_32(isa, dtype, w, a, o),
                 );
                 Q8_BUF.with(|b| b.replace(q));
             }
         }
     }
 
-    /// Several matmuls of the same activations (`x`, `m` rows) into their own
-    /// outputs, quantizing the activations once per `vec_dot_type` rather than once
-    /// per weight (Q, K and V projections; gate and up). Each result is exactly what
-    /// [`QWeight::matmul`] gives.
+    /// Several matmuls of the same activations (`x`, the rows of sequences of
+    /// `seq_lens` rows) into their own outputs, quantizing the activations once per
+    /// `vec_dot_type` rather than once per weight (Q, K and V projections; gate and
+    /// up). Each result is exactly what [`QWeight::matmul_seqs`] gives.
     ///
     /// # Panics
     /// As [`QWeight::matmul`], for any of the jobs.
-    pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(&QWeight, &mut [f32])]) {
+    pub fn matmul_many(x: &[f32], seq_lens: &[usize], jobs: &mut [(&QWeight, &mut [f32])]) {
+        let m = seq_lens.iter().sum();
+        let prompt = &prompt_rows(seq_lens);
         let isa = detect_isa();
         let simd = isa.avx2;
         let mut q8: Option<Vec<Q8Block>> = None;
@@ -390,7 +421,7 @@ impl QWeight {
             let shaped = x.len() == m * w.cols && out.len() == m * w.rows;
             if plain || !shaped || m == 0 || w.rows == 0 || (w.packed && isa.avx512.is_none()) {
                 // The general path (and its length check).
-                w.matmul_with(x, m, out, isa);
+                w.matmul_ordered(x, m, prompt, out, isa);
                 continue;
             }
             let dtype = w.dtype;
@@ -403,9 +434,10 @@ impl QWeight {
                 w.drive(
                     q,
                     w.cols / QK_K,
+                    prompt,
                     out,
-                    |wr, a, o| dot_k(simd, dtype, wr, a, o),
-                    |wr, a, o| group_k(isa, dtype, wr, a, o),
+                    |wr, a, o, p| dot_k(simd, dtype, wr, a, o, p),
+                    |wr, a, o, p| group_k(isa, dtype, wr, a, o, p),
                 );
             } else {
                 let q = q8.get_or_insert_with(|| {
@@ -416,9 +448,10 @@ impl QWeight {
                 w.drive(
                     q,
                     w.cols / QK8,
+                    prompt,
                     out,
-                    |wr, a, o| dot_32(simd, dtype, wr, a, o),
-                    |wr, a, o| group_32(isa, dtype, wr, a, o),
+                    |wr, a, o, _| dot_32(simd, dtype, wr, a, o),
+                    |wr, a, o, _| group_32(isa, dtype, wr, a, o),
                 );
             }
         }
@@ -464,10 +497,17 @@ impl QWeight {
     /// contiguous ranges of weight rows. `acts` holds `out.len() / rows` activation
     /// rows of `act_row` elements each.
     /// `gdot` runs a packed group of 16 rows against up to [`MAX_ACTS`] activation rows.
-    fn drive<A: Sync, F, G>(&self, acts: &[A], act_row: usize, out: &mut [f32], dot: F, gdot: G)
-    where
-        F: Fn(&[&[u8]], &[&[A]], &mut [f32]) + Sync,
-        G: Fn(&[u8], &[&[A]], &mut GroupOut) + Sync,
+    fn drive<A: Sync, F, G>(
+        &self,
+        acts: &[A],
+        act_row: usize,
+        prompt: &[bool],
+        out: &mut [f32],
+        dot: F,
+        gdot: G,
+    ) where
+        F: Fn(&[&[u8]], &[&[A]], &mut [f32], bool) + Sync,
+        G: Fn(&[u8], &[&[A]], &mut GroupOut, bool) + Sync,
     {
         let rows = self.rows;
         let m = out.len() / rows;
@@ -480,7 +520,7 @@ impl QWeight {
         };
         if tasks == 1 {
             let mut outs: Vec<&mut [f32]> = out.chunks_mut(rows).collect();
-            self.run_range(0, &mut outs, acts, act_row, &dot, &gdot);
+            self.run_range(0, &mut outs, acts, act_row, prompt, &dot, &gdot);
             return;
         }
         // Contiguous ranges of weight rows, whole tiles except the last.
@@ -498,24 +538,26 @@ impl QWeight {
             }
         }
         parts.into_par_iter().for_each(|(start, mut outs)| {
-            self.run_range(start, &mut outs, acts, act_row, &dot, &gdot)
+            self.run_range(start, &mut outs, acts, act_row, prompt, &dot, &gdot)
         });
     }
 
     /// Weight rows `start..start + outs[0].len()` against all activation rows; `outs[i]`
     /// receives activation row i's outputs for those weight rows.
     /// `start` is a multiple of [`TILE_ROWS`], so packed groups are whole in a range.
+    #[allow(clippy::too_many_arguments)]
     fn run_range<A, F, G>(
         &self,
         start: usize,
         outs: &mut [&mut [f32]],
         acts: &[A],
         act_row: usize,
+        prompt: &[bool],
         dot: &F,
         gdot: &G,
     ) where
-        F: Fn(&[&[u8]], &[&[A]], &mut [f32]),
-        G: Fn(&[u8], &[&[A]], &mut GroupOut),
+        F: Fn(&[&[u8]], &[&[A]], &mut [f32], bool),
+        G: Fn(&[u8], &[&[A]], &mut GroupOut, bool),
     {
         let m = outs.len();
         let len = outs.first().map_or(0, |o| o.len());
@@ -527,19 +569,22 @@ impl QWeight {
             let t1 = (t0 + TILE_ROWS).min(len);
             if start + t0 < packed_rows {
                 let w = self.group((start + t0) / GROUP);
-                for i0 in (0..m).step_by(MAX_ACTS) {
-                    let g = (m - i0).min(MAX_ACTS);
+                let mut i0 = 0;
+                while i0 < m {
+                    let g = same_order(prompt, i0, MAX_ACTS);
                     let group: [&[A]; MAX_ACTS] =
                         std::array::from_fn(|k| if k < g { act(i0 + k) } else { &[] });
-                    gdot(w, &group[..g], &mut gres);
+                    gdot(w, &group[..g], &mut gres, prompt[i0]);
                     for (k, res) in gres[..g].iter().enumerate() {
                         outs[i0 + k][t0..t1].copy_from_slice(res);
                     }
+                    i0 += g;
                 }
                 continue;
             }
-            for i0 in (0..m).step_by(GROUP_ROWS) {
-                let g = (m - i0).min(GROUP_ROWS);
+            let mut i0 = 0;
+            while i0 < m {
+                let g = same_order(prompt, i0, GROUP_ROWS);
                 let group: [&[A]; GROUP_ROWS] =
                     std::array::from_fn(|k| if k < g { act(i0 + k) } else { &[] });
                 let rw = weight_rows_per_call(g);
@@ -548,7 +593,7 @@ impl QWeight {
                     let n = if j + rw <= t1 { rw } else { 1 };
                     let ws: [&[u8]; 4] =
                         std::array::from_fn(|i| if i < n { self.row(start + j + i) } else { &[] });
-                    dot(&ws[..n], &group[..g], &mut res[..n * g]);
+                    dot(&ws[..n], &group[..g], &mut res[..n * g], prompt[i0]);
                     for i in 0..n {
                         for (k, &v) in res[i * g..(i + 1) * g].iter().enumerate() {
                             outs[i0 + k][j + i] = v;
@@ -556,9 +601,32 @@ impl QWeight {
                     }
                     j += n;
                 }
+                i0 += g;
             }
         }
     }
+}
+
+/// How many rows from `i0` (at most `max`) share `prompt[i0]`'s order.
+fn same_order(prompt: &[bool], i0: usize, max: usize) -> usize {
+    prompt[i0..]
+        .iter()
+        .take(max)
+        .take_while(|&&p| p == prompt[i0])
+        .count()
+}
+
+/// Which activation rows llama.cpp multiplies in its prompt (GEMM) order rather than
+/// its one-row (GEMV) order, for sequences of `seq_lens` rows laid out one after the
+/// other: in a sequence of 4 or more rows, the first whole groups of 4 (what
+/// llama.cpp's repacked Q4_K `mul_mat` does with the rows of one pass).
+pub fn prompt_rows(seq_lens: &[usize]) -> Vec<bool> {
+    let mut rows = Vec::with_capacity(seq_lens.iter().sum());
+    for &n in seq_lens {
+        let grouped = if n > 3 { n - n % 4 } else { 0 };
+        rows.extend((0..n).map(|i| i < grouped));
+    }
+    rows
 }
 
 thread_local! {
@@ -618,13 +686,20 @@ fn dot_32(simd: Option<Simd>, dtype: GgmlDType, w: &[&[u8]], a: &[&[Q8Block]], o
     scalar::rows_32(dtype, w, a, o)
 }
 
-fn dot_k(simd: Option<Simd>, dtype: GgmlDType, w: &[&[u8]], a: &[&[Q8KBlock]], o: &mut [f32]) {
+fn dot_k(
+    simd: Option<Simd>,
+    dtype: GgmlDType,
+    w: &[&[u8]],
+    a: &[&[Q8KBlock]],
+    o: &mut [f32],
+    prompt: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = simd {
-        return avx2::rows_k(t, dtype, w, a, o);
+        return avx2::rows_k(t, dtype, w, a, o, prompt);
     }
     let _ = simd;
-    scalar::rows_k(dtype, w, a, o)
+    scalar::rows_k(dtype, w, a, o, prompt)
 }
 
 fn group_32(isa: Isa, dtype: GgmlDType, w: &[u8], a: &[&[Q8Block]], o: &mut GroupOut) {
@@ -636,21 +711,33 @@ fn group_32(isa: Isa, dtype: GgmlDType, w: &[u8], a: &[&[Q8Block]], o: &mut Grou
     group_portable(dtype, w, a, o, scalar::rows_32)
 }
 
-fn group_k(isa: Isa, dtype: GgmlDType, w: &[u8], a: &[&[Q8KBlock]], o: &mut GroupOut) {
+fn group_k(
+    isa: Isa,
+    dtype: GgmlDType,
+    w: &[u8],
+    a: &[&[Q8KBlock]],
+    o: &mut GroupOut,
+    prompt: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx512 {
-        return avx512::group_k(t, dtype, w, a, o);
+        return avx512::group_k(t, dtype, w, a, o, prompt);
     }
     let _ = isa;
-    group_portable(dtype, w, a, o, scalar::rows_k)
+    group_portable(dtype, w, a, o, |d, w, a, o| {
+        scalar::rows_k(d, w, a, o, prompt)
+    })
 }
 
-/// A portable kernel: weight rows x activation rows (`scalar::rows_*`).
-type RowsFn<A> = fn(GgmlDType, &[&[u8]], &[&[A]], &mut [f32]);
-
-/// A packed group on the portable kernels, row by row (unreachable in practice:
-/// `matmul_with` unpacks the matrix when AVX-512 is missing).
-fn group_portable<A>(dtype: GgmlDType, w: &[u8], a: &[&[A]], o: &mut GroupOut, rows: RowsFn<A>) {
+/// A packed group on the portable kernels (`scalar::rows_*`), row by row
+/// (unreachable in practice: `matmul_with` unpacks the matrix when AVX-512 is missing).
+fn group_portable<A>(
+    dtype: GgmlDType,
+    w: &[u8],
+    a: &[&[A]],
+    o: &mut GroupOut,
+    rows: impl Fn(GgmlDType, &[&[u8]], &[&[A]], &mut [f32]),
+) {
     let nb = w.len() / pack::packed_block_bytes(dtype);
     let mut row = vec![0u8; nb * formats::block_bytes(dtype)];
     let mut res = [0f32; MAX_ACTS];

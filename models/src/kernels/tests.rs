@@ -7,7 +7,7 @@ use candle_core::{Device, Module, Tensor};
 use half::f16;
 
 use super::act::{quantize_q8, quantize_q8k, Q8Block, Q8KBlock, QK8, QK_K};
-use super::{detect_isa, pack, Isa, QWeight};
+use super::{detect_isa, pack, prompt_rows, Isa, QWeight};
 
 const ALL: [GgmlDType; 12] = [
     GgmlDType::F32,
@@ -164,6 +164,27 @@ fn simd_paths() -> Vec<(&'static str, Isa, bool)> {
     paths
 }
 
+/// The formats whose every kernel sums in llama.cpp's x86 order.
+fn follows_ggml_order(dtype: GgmlDType) -> bool {
+    !matches!(
+        dtype,
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::F32 | GgmlDType::F16
+    )
+}
+
+#[test]
+fn prompt_rows_are_whole_groups_of_four_per_sequence() {
+    assert_eq!(prompt_rows(&[3]), [false; 3]);
+    assert_eq!(prompt_rows(&[4]), [true; 4]);
+    assert_eq!(
+        prompt_rows(&[6, 1, 8]),
+        [
+            true, true, true, true, false, false, false, true, true, true, true, true, true, true,
+            true
+        ]
+    );
+}
+
 #[test]
 fn simd_equals_scalar_and_batching_changes_nothing() {
     let mut rng = Rng(0xDEAD_BEEF_1234_5678);
@@ -189,22 +210,35 @@ fn simd_equals_scalar(rng: &mut Rng, name: &str, isa: Isa, packed: bool, rows: u
                 let mut slow = vec![0f32; m * rows];
                 w.matmul_with(&x, m, &mut fast, isa);
                 plain.matmul_with(&x, m, &mut slow, Isa::SCALAR);
-                let err = rel_err(&fast, &slow, rows);
-                assert!(
-                    err < 1e-4,
-                    "{name} {dtype:?} {rows}x{cols} m {m}: SIMD vs scalar {err}"
-                );
+                if follows_ggml_order(dtype) {
+                    // Every path sums in llama.cpp's order: bit for bit.
+                    assert_eq!(fast, slow, "{name} {dtype:?} {rows}x{cols} m {m}");
+                } else {
+                    let err = rel_err(&fast, &slow, rows);
+                    assert!(
+                        err < 1e-4,
+                        "{name} {dtype:?} {rows}x{cols} m {m}: SIMD vs scalar {err}"
+                    );
+                }
                 // Each output is one kernel dot: the same whether computed in a
-                // batch (grouped, tiled, threaded) or alone.
-                for i in [0, m / 2, m - 1] {
+                // batch (grouped, tiled, threaded) or alone, when it is in the same
+                // place of its own sequence (here: every row a sequence of one).
+                let mut apart = vec![0f32; m * rows];
+                let seqs = vec![1; m];
+                w.matmul_ordered(&x, m, &prompt_rows(&seqs), &mut apart, isa);
+                for i in 0..m {
                     let mut one = vec![0f32; rows];
                     w.matmul_with(&x[i * cols..(i + 1) * cols], 1, &mut one, isa);
                     assert_eq!(
                         one,
-                        fast[i * rows..(i + 1) * rows],
+                        apart[i * rows..(i + 1) * rows],
                         "{name} {dtype:?} {rows}x{cols} m {m} row {i}"
                     );
                 }
+                // Rows in llama.cpp's prompt order differ from one-row products
+                // only in f32 summation order.
+                let err = rel_err(&apart, &fast, rows);
+                assert!(err < 1e-4, "{name} {dtype:?} {rows}x{cols} m {m}: {err}");
             }
         }
     }
@@ -496,6 +530,6 @@ fn matmul_many_equals_one_matmul_each() {
         .zip(outs.iter_mut())
         .map(|(w, o)| (w, o.as_mut_slice()))
         .collect();
-    QWeight::matmul_many(&x, m, &mut jobs);
+    QWeight::matmul_many(&x, &[m], &mut jobs);
     assert_eq!(outs, alone);
 }
