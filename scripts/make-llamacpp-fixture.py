@@ -68,6 +68,21 @@ PROMPTS = [
     "List three primary colors.",
     "Translate 'good morning' into Spanish.",
     "What is 12 times 7?",
+    "Write a Python function that returns the factorial of n.",
+    "Explain in two sentences why the sky is blue.",
+    "Give me a packing list for a weekend hiking trip.",
+    "Qu'est-ce que la photosynthèse ?",
+    "Summarize the plot of Romeo and Juliet in one paragraph.",
+    "If a train travels 120 km in 1.5 hours, what is its average speed?",
+    "Write a short, polite email declining a meeting invitation.",
+    "What are the differences between TCP and UDP?",
+    "Name five animals that live in the Arctic.",
+    "Complete the sequence: 2, 4, 8, 16, ...",
+    "Describe the taste of a lemon to someone who has never had one.",
+    "Convert 72 degrees Fahrenheit to Celsius and show the steps.",
+    "Tell me a joke about programmers.",
+    "日本の首都はどこですか？",
+    "What should I consider when choosing a laptop for software development?",
 ]
 
 

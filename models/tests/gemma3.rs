@@ -432,7 +432,11 @@ fn tensor_pass_is_close_to_the_decoder() {
             .fold(0.0, f32::max);
         let all = max_diff(&a, &b);
         eprintln!("first step: {all} apart, {top} on the 20 best, {llama_cpp} from llama.cpp's");
-        assert_eq!(argmax(&a), argmax(&b));
+        // The tensor pass rounds as candle does, so it may pick the other side of a
+        // near tie.
+        if case.margins[0] >= NEAR_TIE {
+            assert_eq!(argmax(&a), argmax(&b), "{:?}", case.question);
+        }
         assert!(
             all < 2.0 && top < 1.5 && llama_cpp < 1.5,
             "{all} {top} {llama_cpp}"
