@@ -37,9 +37,12 @@ pub(crate) struct Q8Block {
     pub d: f32,
     /// Q8_1's `s = d * sum(qs)`, an f16 value widened to f32.
     pub s: f32,
-    /// Exact sum of `qs` (used to apply the -8 / -16 offsets of Q4_0 / Q5_0 weights).
+    /// Exact sum of `qs`.
     pub sum: i32,
     pub qs: [i8; QK8],
+    /// Exact sums of each 4 quants (ggml's eight lanes): the kernels subtract a
+    /// lane's own offset (Q4_0 -8, Q5_0 -16, Q8_0 stored +128) with them.
+    pub lanes: [i16; 8],
 }
 
 /// One Q8_K super-block of 256 activations.
@@ -79,7 +82,14 @@ pub(crate) fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
         block.d = f16_round(d);
         block.s = f16_round(sum as f32 * d);
         block.sum = sum;
+        block.lanes = lane_sums(&block.qs);
     }
+}
+
+/// The sums of each 4 consecutive quants.
+#[inline(always)]
+pub(crate) fn lane_sums(qs: &[i8; QK8]) -> [i16; 8] {
+    std::array::from_fn(|z| qs[4 * z..4 * z + 4].iter().map(|&q| i16::from(q)).sum())
 }
 
 /// ggml's `nearest_int`: round to nearest, ties to even.
@@ -133,6 +143,7 @@ impl Q8Block {
         s: 0.0,
         sum: 0,
         qs: [0; QK8],
+        lanes: [0; 8],
     };
 }
 

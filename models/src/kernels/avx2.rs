@@ -212,6 +212,7 @@ fn quantize_q8_avx2(x: &[f32], out: &mut [Q8Block]) {
             block.d = half(d);
             block.s = half(total as f32 * d);
             block.sum = total;
+            block.lanes = super::act::lane_sums(&block.qs);
         }
     }
 }
@@ -379,8 +380,8 @@ unsafe fn kernel_32<const FMT: u8, const RW: usize, const R: usize>(
                 };
                 if offset != 0 {
                     // Each lane's own offset, so every lane holds ggml's signed sum.
-                    let o = _mm256_set1_epi8(offset as i8);
-                    p = _mm256_sub_epi32(p, dot_u8_i8(o, qy));
+                    let lanes = _mm256_cvtepi16_epi32(_mm_loadu_si128(y.lanes.as_ptr().cast()));
+                    p = _mm256_sub_epi32(p, _mm256_mullo_epi32(lanes, _mm256_set1_epi32(offset)));
                 }
                 acc[i][r] =
                     _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(p), acc[i][r]);

@@ -179,23 +179,33 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
     acts: &[&[Q8Block]],
     out: &mut GroupOut,
 ) {
-    // One activation row at a time: 8 lane chains + Q4_1's chain stay in registers.
-    for r in 0..R {
-        out[r] = row_32::<FMT>(w, acts[r]);
+    // Two activation rows at a time (each weight register unpacked once for both):
+    // 2 x (8 lane chains + Q4_1's chain) stay in registers.
+    let mut r = 0;
+    while r + 2 <= R {
+        let [a, b] = rows_32::<FMT, 2>(w, [acts[r], acts[r + 1]]);
+        (out[r], out[r + 1]) = (a, b);
+        r += 2;
+    }
+    if r < R {
+        [out[r]] = rows_32::<FMT, 1>(w, [acts[r]]);
     }
 }
 
-/// One activation row of [`kernel_32`].
+/// `N` activation rows of [`kernel_32`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn row_32<const FMT: u8>(w: &[u8], act: &[Q8Block]) -> [f32; 16] {
+unsafe fn rows_32<const FMT: u8, const N: usize>(
+    w: &[u8],
+    acts: [&[Q8Block]; N],
+) -> [[f32; 16]; N] {
     let pb = match FMT {
         FMT_Q4_0 => 288,
         FMT_Q4_1 => 320,
         FMT_Q5_0 => 352,
         _ => 544,
     };
-    let offset: u8 = match FMT {
+    let offset: i32 = match FMT {
         FMT_Q4_0 => 8,
         FMT_Q5_0 => 16,
         FMT_Q8_0 => 128,
@@ -203,10 +213,8 @@ unsafe fn row_32<const FMT: u8>(w: &[u8], act: &[Q8Block]) -> [f32; 16] {
     };
     let nb = w.len() / pb;
     let wp = w.as_ptr();
-    let a = act.as_ptr();
-    let off = _mm512_set1_epi8(offset as i8);
-    let mut acc = [_mm512_setzero_ps(); 8];
-    let mut summs = _mm512_setzero_ps();
+    let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    let mut summs = [_mm512_setzero_ps(); N];
     for b in 0..nb {
         let wb = wp.add(b * pb);
         let q = match FMT {
@@ -219,26 +227,30 @@ unsafe fn row_32<const FMT: u8>(w: &[u8], act: &[Q8Block]) -> [f32; 16] {
                 q
             }
         };
-        let y = &*a.add(b);
-        let qs = y.qs.as_ptr();
-        let scale = _mm512_mul_ps(f16x16(wb), _mm512_set1_ps(y.d));
-        for (z, &qz) in q.iter().enumerate() {
-            let y4 = act4(qs, z);
-            let mut s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qz, y4);
-            if offset != 0 {
-                s = _mm512_sub_epi32(s, _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y4));
+        let dw = f16x16(wb);
+        for r in 0..N {
+            let y = &*acts[r].as_ptr().add(b);
+            let qs = y.qs.as_ptr();
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(y.d));
+            for (z, &qz) in q.iter().enumerate() {
+                // Start the lane at its own offset times its 4 activation quants.
+                let start = _mm512_set1_epi32(-offset * i32::from(y.lanes[z]));
+                let s = _mm512_dpbusd_epi32(start, qz, act4(qs, z));
+                acc[r][z] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r][z]);
             }
-            acc[z] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[z]);
-        }
-        if FMT == FMT_Q4_1 {
-            summs = _mm512_fmadd_ps(f16x16(wb.add(32)), _mm512_set1_ps(y.s), summs);
+            if FMT == FMT_Q4_1 {
+                summs[r] = _mm512_fmadd_ps(f16x16(wb.add(32)), _mm512_set1_ps(y.s), summs[r]);
+            }
         }
     }
-    let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(acc[i + 4], acc[i]));
-    let sum = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
-    let mut res = [0f32; 16];
-    _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(sum, summs));
-    res
+    std::array::from_fn(|r| {
+        let acc = &acc[r];
+        let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(acc[i + 4], acc[i]));
+        let sum = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+        let mut res = [0f32; 16];
+        _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(sum, summs[r]));
+        res
+    })
 }
 
 /// Q4_K (`FIVE = false`) or Q5_K: 16 packed rows x `R` activation rows.
@@ -306,34 +318,28 @@ unsafe fn kernel_q45k<const FIVE: bool, const PROMPT: bool, const R: usize>(
     }
 }
 
-/// Q6_K: 16 packed rows x `R` activation rows, one activation row at a time, in the
-/// order of ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: register z of a 32-value part holds
-/// quants 4z..4z+4 of each row, ggml's lane z; each lane gets its own -32 offset and
-/// scale, its own FMA chain per block, and the lanes are added as `hsum_float_8` does.
+/// Q6_K: 16 packed rows x `R` activation rows, in the order of ggml's AVX2
+/// `ggml_vec_dot_q6_K_q8_K`: register z of a 32-value part holds quants 4z..4z+4 of
+/// each row, ggml's lane z; as ggml, `vpmaddubsw` forms the pair products less the
+/// -32 offset's (exact in i16) and `vpdpwssd` adds them times the 16-value scale into
+/// the lane's i32; each lane has its own FMA chain per block, and the lanes are added
+/// as `hsum_float_8` does. Each weight register is unpacked once for all `R` rows.
 ///
 /// # Safety
 /// CPU features as in [`Avx512::detect`]; lengths as checked by [`check`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn kernel_q6k<const R: usize>(w: &[u8], acts: &[&[Q8KBlock]], out: &mut GroupOut) {
-    for r in 0..R {
-        out[r] = row_q6k(w, acts[r]);
-    }
-}
-
-/// One activation row of [`kernel_q6k`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-#[inline]
-unsafe fn row_q6k(w: &[u8], act: &[Q8KBlock]) -> [f32; 16] {
     const PB: usize = 3360;
     let nb = w.len() / PB;
     let wp = w.as_ptr();
+    let a: [*const Q8KBlock; R] = std::array::from_fn(|r| acts[r].as_ptr());
     let m30 = _mm512_set1_epi8(0x30);
-    let off = _mm512_set1_epi8(32);
-    let mut acc = [_mm512_setzero_ps(); 8];
+    let m32 = _mm512_set1_epi8(32);
+    let lo16 = _mm512_set1_epi32(0xFFFF);
+    let mut acc = [[_mm512_setzero_ps(); 8]; R];
     for b in 0..nb {
         let wb = wp.add(b * PB);
-        let y = &*act.as_ptr().add(b);
-        let mut lanes = [_mm512_setzero_si512(); 8];
+        let mut lanes = [[_mm512_setzero_si512(); 8]; R];
         for p in 0..8 {
             let at = wb.add(288 + 384 * p);
             let mut q = nibbles(at);
@@ -352,27 +358,40 @@ unsafe fn row_q6k(w: &[u8], act: &[Q8KBlock]) -> [f32; 16] {
                     q[4 * h + f] = _mm512_ternarylogic_epi32::<0xF8>(q[4 * h + f], hf, m30);
                 }
             }
-            let sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(wb.add(32 + 32 * p).cast()));
-            let sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(wb.add(48 + 32 * p).cast()));
-            let qs = y.qs.as_ptr().add(32 * p);
-            for (z, &qz) in q.iter().enumerate() {
-                let y4 = act4(qs, z);
-                let s = _mm512_sub_epi32(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), qz, y4),
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, y4),
-                );
-                let sc = if z < 4 { sc0 } else { sc1 };
-                lanes[z] = _mm512_add_epi32(lanes[z], _mm512_mullo_epi32(s, sc));
+            // Each lane's scale in both of its i16 halves.
+            let both = |sc: __m512i| {
+                _mm512_or_si512(_mm512_and_si512(sc, lo16), _mm512_slli_epi32::<16>(sc))
+            };
+            let sc0 = both(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                wb.add(32 + 32 * p).cast(),
+            )));
+            let sc1 = both(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                wb.add(48 + 32 * p).cast(),
+            )));
+            for r in 0..R {
+                let qs = (*a[r].add(b)).qs.as_ptr().add(32 * p);
+                for (z, &qz) in q.iter().enumerate() {
+                    let y4 = act4(qs, z);
+                    let p16 = _mm512_sub_epi16(
+                        _mm512_maddubs_epi16(qz, y4),
+                        _mm512_maddubs_epi16(m32, y4),
+                    );
+                    let sc = if z < 4 { sc0 } else { sc1 };
+                    lanes[r][z] = _mm512_dpwssd_epi32(lanes[r][z], p16, sc);
+                }
             }
         }
-        let d = _mm512_mul_ps(_mm512_set1_ps(y.d), f16x16(wb));
-        for (acc, &lane) in acc.iter_mut().zip(&lanes) {
-            *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane), *acc);
+        let dw = f16x16(wb);
+        for r in 0..R {
+            let d = _mm512_mul_ps(_mm512_set1_ps((*a[r].add(b)).d), dw);
+            for (acc, &lane) in acc[r].iter_mut().zip(&lanes[r]) {
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane), *acc);
+            }
         }
     }
-    let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(acc[i + 4], acc[i]));
-    let sum = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
-    let mut res = [0f32; 16];
-    _mm512_storeu_ps(res.as_mut_ptr(), sum);
-    res
+    for r in 0..R {
+        let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(acc[r][i + 4], acc[r][i]));
+        let sum = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+        _mm512_storeu_ps(out[r].as_mut_ptr(), sum);
+    }
 }

@@ -210,9 +210,30 @@ fn scores(
     out: &mut [f32],
 ) {
     let d = q.len();
-    for (t, o) in out.iter_mut().enumerate() {
-        let key = &keys[t * stride + offset..t * stride + offset + d];
-        *o = dot(key, q, order) * scale;
+    let key = |t: usize| &keys[t * stride + offset..t * stride + offset + d];
+    let n = out.len();
+    let mut t = 0;
+    if order == Order::Gemm {
+        // Four keys at once: four independent FMA chains (each key's own chain is
+        // unchanged), so the loop runs at throughput rather than latency.
+        while t + 4 <= n {
+            let ks = [key(t), key(t + 1), key(t + 2), key(t + 3)];
+            let mut acc = [[0f32; 16]; 4];
+            for c in (0..d / 16 * 16).step_by(16) {
+                for (acc, k) in acc.iter_mut().zip(&ks) {
+                    for l in 0..16 {
+                        acc[l] = k[c + l].mul_add(q[c + l], acc[l]);
+                    }
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                out[t + j] = reduce16(acc) * scale;
+            }
+            t += 4;
+        }
+    }
+    for (t, o) in out.iter_mut().enumerate().skip(t) {
+        *o = dot(key(t), q, order) * scale;
     }
 }
 
@@ -323,7 +344,48 @@ fn scores_avx2(
     order: Order,
     out: &mut [f32],
 ) {
-    scores(q, keys, stride, offset, scale, order, out)
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let n = out.len();
+    let mut t = 0;
+    if order == Order::Gemm {
+        // Four keys at once, each key's 16 lanes in two registers (lanes 0..8 and
+        // 8..16): the same chains and the same `reduce16` as `dot`, interleaved.
+        let reduce = |lo: __m256, hi: __m256| -> f32 {
+            // a[i + 8] + a[i], then [i + 4] + [i], then (0 + 2) + (1 + 3).
+            let h = _mm256_add_ps(hi, lo);
+            let q4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+            let t2 = _mm_add_ps(q4, _mm_movehl_ps(q4, q4));
+            _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+        };
+        while t + 4 <= n {
+            let base: [usize; 4] = std::array::from_fn(|j| (t + j) * stride + offset);
+            assert!(base[3] + d <= keys.len());
+            let mut lo = [_mm256_setzero_ps(); 4];
+            let mut hi = [_mm256_setzero_ps(); 4];
+            for c in (0..d).step_by(16) {
+                // SAFETY: c + 16 <= d (d is a multiple of 16 in this order), and every
+                // key's run base[j] .. base[j] + d lies inside `keys` (asserted).
+                unsafe {
+                    let q0 = _mm256_loadu_ps(q.as_ptr().add(c));
+                    let q1 = _mm256_loadu_ps(q.as_ptr().add(c + 8));
+                    for j in 0..4 {
+                        let k = keys.as_ptr().add(base[j] + c);
+                        lo[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k), q0, lo[j]);
+                        hi[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k.add(8)), q1, hi[j]);
+                    }
+                }
+            }
+            for j in 0..4 {
+                out[t + j] = reduce(lo[j], hi[j]) * scale;
+            }
+            t += 4;
+        }
+    }
+    let key = |t: usize| &keys[t * stride + offset..t * stride + offset + d];
+    for (t, o) in out.iter_mut().enumerate().skip(t) {
+        *o = dot(key(t), q, order) * scale;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -340,7 +402,76 @@ fn weighted_sum_avx2(
     acc: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    weighted(p, values, stride, offset, order, n_kv, acc, out)
+    use std::arch::x86_64::*;
+    let d = out.len();
+    let n = p.len();
+    if !d.is_multiple_of(8) {
+        return weighted(p, values, stride, offset, order, n_kv, acc, out);
+    }
+    assert!(n == 0 || (n - 1) * stride + offset + d <= values.len());
+    // SAFETY (every use): t < n and i + 8 <= d, so the 8 values lie inside `values`
+    // (asserted above).
+    let at = |t: usize, i: usize| unsafe {
+        _mm256_loadu_ps(values.as_ptr().add(t * stride + offset + i))
+    };
+    let reduce16 = |a: &[__m256; 16]| {
+        let h: [__m256; 8] = std::array::from_fn(|l| _mm256_add_ps(a[l + 8], a[l]));
+        let q: [__m256; 4] = std::array::from_fn(|l| _mm256_add_ps(h[l + 4], h[l]));
+        _mm256_add_ps(_mm256_add_ps(q[0], q[2]), _mm256_add_ps(q[1], q[3]))
+    };
+    if order == Order::VecDot {
+        // ggml_vec_dot_f16's four chains of 16 lanes per 64-position step, one chain
+        // at a time (position 64 s + 16 j + l feeds chain j, lane l), then the
+        // leftover positions past the view's last whole step, in f64.
+        let vector_part = n.min(n_kv / 64 * 64);
+        for i in (0..d).step_by(8) {
+            let mut chains = [[_mm256_setzero_ps(); 16]; 4];
+            for (j, a) in chains.iter_mut().enumerate() {
+                for base in (0..vector_part).step_by(64) {
+                    let from = base + 16 * j;
+                    let len = 16.min(vector_part.saturating_sub(from));
+                    for (l, a) in a.iter_mut().enumerate().take(len) {
+                        let t = from + l;
+                        *a = _mm256_fmadd_ps(at(t, i), _mm256_set1_ps(p[t]), *a);
+                    }
+                }
+            }
+            let lanes: [__m256; 16] = std::array::from_fn(|l| {
+                _mm256_add_ps(
+                    _mm256_add_ps(chains[0][l], chains[2][l]),
+                    _mm256_add_ps(chains[1][l], chains[3][l]),
+                )
+            });
+            let mut r = [0f32; 8];
+            // SAFETY: `r` holds 8 f32s.
+            unsafe { _mm256_storeu_ps(r.as_mut_ptr(), reduce16(&lanes)) };
+            for (k, r) in r.iter().enumerate() {
+                let mut sum = f64::from(*r);
+                for (t, &w) in p.iter().enumerate().skip(vector_part) {
+                    sum += f64::from(values[t * stride + offset + i + k] * w);
+                }
+                out[i + k] = sum as f32;
+            }
+        }
+        return;
+    }
+    // Eight outputs at a time with their 16 lane chains in registers (chain t % 16
+    // takes position t, as in `weighted`), then `reduce16` across the chains.
+    for i in (0..d).step_by(8) {
+        let mut a = [_mm256_setzero_ps(); 16];
+        let whole = n / 16 * 16;
+        for t0 in (0..whole).step_by(16) {
+            for l in 0..16 {
+                a[l] = _mm256_fmadd_ps(at(t0 + l, i), _mm256_set1_ps(p[t0 + l]), a[l]);
+            }
+        }
+        for (l, (a, &w)) in a.iter_mut().zip(&p[whole..]).enumerate() {
+            *a = _mm256_fmadd_ps(at(whole + l, i), _mm256_set1_ps(w), *a);
+        }
+        let r = reduce16(&a);
+        // SAFETY: i + 8 <= d = out.len().
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), r) };
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -472,11 +603,21 @@ mod tests {
             attention_scores(&q, &keys, 192, 64, 0.125, order, &mut a);
             scores(&q, &keys, 192, 64, 0.125, order, &mut b);
             assert_eq!(a, b);
-            let p = values(10);
-            let (mut a, mut b, mut acc) = (vec![0.0; 64], vec![0.0; 64], Vec::new());
-            weighted_sum(&p, &keys, 192, 64, order, 32, &mut acc, &mut a);
-            weighted(&p, &keys, 192, 64, order, 32, &mut acc, &mut b);
-            assert_eq!(a, b);
+            let many = values(64 * 3 * 160);
+            for (n, n_kv) in [
+                (10, 32),
+                (37, 64),
+                (64, 64),
+                (70, 96),
+                (130, 160),
+                (160, 160),
+            ] {
+                let p = values(n);
+                let (mut a, mut b, mut acc) = (vec![0.0; 64], vec![0.0; 64], Vec::new());
+                weighted_sum(&p, &many, 192, 64, order, n_kv, &mut acc, &mut a);
+                weighted(&p, &many, 192, 64, order, n_kv, &mut acc, &mut b);
+                assert_eq!(a, b, "{order:?} n {n} n_kv {n_kv}");
+            }
         }
         let mut a = values(37);
         let mut b = a.clone();
