@@ -23,7 +23,10 @@
 # only, and writes the flat profile by symbol to target/bench/gateway-profile-*.txt.
 #
 # Environment: BENCH_ONLY="fixed-json closed-json" runs only those phases;
-# BENCH_DURATION=SECONDS overrides the measured time per run.
+# BENCH_DURATION=SECONDS overrides the measured time per run; BENCH_AIRLOCK_B=PATH
+# adds targets airlock-b (and airlock-full-b) run by another airlock binary on the same
+# configs, each measured right after its twin in every phase (an A/B comparison of two
+# builds in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -177,10 +180,10 @@ log "nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///') on 127.0.0.1:$NGINX_PORT (m
 
 # airlock, on core 0. RUST_LOG=warn so logging does not dominate.
 export AIRLOCK_MASTER_KEY="sk-bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
-start_airlock() { # NAME CONFIG_TEMPLATE -> sets AIRLOCK_ADDR, AIRLOCK_PID
-  local name=$1 template=$2
+start_airlock() { # NAME CONFIG_TEMPLATE [BINARY] -> sets AIRLOCK_ADDR, AIRLOCK_PID
+  local name=$1 template=$2 bin=${3:-$AIRLOCK}
   sed "s/@MOCK@/$MOCK/g" "$template" >"$TMP/$name.toml"
-  RUST_LOG=warn taskset -c 0 "$AIRLOCK" serve --config "$TMP/$name.toml" \
+  RUST_LOG=warn taskset -c 0 "$bin" serve --config "$TMP/$name.toml" \
     --listen 127.0.0.1:0 --data-dir "$TMP/$name-data" >"$TMP/$name.out" 2>"$TMP/$name.err" &
   AIRLOCK_PID=$!; PIDS+=("$AIRLOCK_PID")
   local line
@@ -229,12 +232,26 @@ else
   if [ -n "${FULL_PID:-}" ]; then kill "$FULL_PID" 2>/dev/null || true; FULL_PID=""; fi
 fi
 
+# A/B: the same two gateways again on another binary (BENCH_AIRLOCK_B), each listed
+# right after its twin so that every phase measures them back to back.
+BARE_B_TARGET=""; FULL_B_TARGET=""
+if [ -n "${BENCH_AIRLOCK_B:-}" ]; then
+  start_airlock airlock-b benches/load/airlock-bare.toml "$BENCH_AIRLOCK_B"
+  BARE_B_TARGET=$(printf ',\n  {"name":"airlock-b","url":"http://%s","path":"/v1/chat/completions","slow_path":"/v1/chat/completions","model":"bench","slow_model":"bench-slow","key":"%s","pids":[%s]}' \
+    "$AIRLOCK_ADDR" "$AIRLOCK_MASTER_KEY" "$AIRLOCK_PID")
+  if [ -n "$FULL_TARGET" ] && start_airlock airlock-full-b benches/load/airlock-full.toml "$BENCH_AIRLOCK_B" \
+     && FULL_B_KEY=$(create_full_key "$AIRLOCK_ADDR") && [ -n "$FULL_B_KEY" ]; then
+    FULL_B_TARGET=$(printf ',\n  {"name":"airlock-full-b","url":"http://%s","path":"/v1/chat/completions","slow_path":"/v1/chat/completions","model":"bench","slow_model":"bench-slow","key":"%s","pids":[%s]}' \
+      "$AIRLOCK_ADDR" "$FULL_B_KEY" "$AIRLOCK_PID")
+  fi
+fi
+
 cat >"$TMP/targets.json" <<EOF
 {"client_pids": [$MOCK_PID],
  "targets": [
   {"name":"direct","direct":true,"url":"http://$MOCK","path":"/v1/chat/completions","slow_path":"/d50/v1/chat/completions","model":"gpt-4o-mini","slow_model":"gpt-4o-mini","pids":[]},
   {"name":"nginx","url":"http://127.0.0.1:$NGINX_PORT","path":"/v1/chat/completions","slow_path":"/d50/v1/chat/completions","model":"gpt-4o-mini","slow_model":"gpt-4o-mini","pids":[$NGINX_PID]},
-  {"name":"airlock","url":"http://$BARE_ADDR","path":"/v1/chat/completions","slow_path":"/v1/chat/completions","model":"bench","slow_model":"bench-slow","key":"$AIRLOCK_MASTER_KEY","pids":[$BARE_PID]}$FULL_TARGET
+  {"name":"airlock","url":"http://$BARE_ADDR","path":"/v1/chat/completions","slow_path":"/v1/chat/completions","model":"bench","slow_model":"bench-slow","key":"$AIRLOCK_MASTER_KEY","pids":[$BARE_PID]}$BARE_B_TARGET$FULL_TARGET$FULL_B_TARGET
  ]}
 EOF
 
