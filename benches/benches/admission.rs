@@ -64,7 +64,7 @@ fn admission(c: &mut Criterion) {
     });
     g.bench_function("budget_reserve_settle", |b| {
         b.iter(|| {
-            let h = block_on(budgets.reserve(black_box(&p), "req", 3000, 1456, NOW_MS)).unwrap();
+            let h = block_on(budgets.reserve(black_box(&p), 3000, 1456, NOW_MS)).unwrap();
             let s = h.settle(black_box(1500), 1200);
             journal.apply(&s.ops).unwrap();
         })
@@ -72,14 +72,14 @@ fn admission(c: &mut Criterion) {
     g.bench_function("limiter_and_budget", |b| {
         b.iter(|| {
             let guard = limiter.admit(black_box(&p), Instant::now(), 1456).unwrap();
-            let h = block_on(budgets.reserve(black_box(&p), "req", 3000, 1456, NOW_MS)).unwrap();
+            let h = block_on(budgets.reserve(black_box(&p), 3000, 1456, NOW_MS)).unwrap();
             let s = h.settle(black_box(1500), 1200);
             journal.apply(&s.ops).unwrap();
             guard.finish(1200);
         })
     });
     g.finish();
-    assert!(journal.open_reservations().is_empty());
+    assert!(journal.holds().len() <= 3, "holds stay within the headroom");
 }
 
 criterion_group!(benches, admission);

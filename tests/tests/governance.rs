@@ -847,22 +847,34 @@ async fn kill_9_under_load_loses_no_delivered_request() {
             .map(|r| r["cost_micros"].as_u64().unwrap_or(0))
             .sum();
         let prefix = format!("key:{key_id}|");
-        let recovered: u64 = records
+        // Recovery charges each window's durable hold (older stores: each open
+        // reservation) in full.
+        let recovered_charges: Vec<Value> = records
             .iter()
-            .filter(|r| r["kind"] == "reservation_recovered")
-            .flat_map(|r| {
-                r.pointer("/reservation/charges")
+            .flat_map(|r| match r["kind"].as_str() {
+                Some("reservation_recovered") => r
+                    .pointer("/reservation/charges")
                     .and_then(Value::as_array)
                     .cloned()
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                Some("hold_recovered") => vec![r["hold"].clone()],
+                _ => Vec::new(),
             })
             .filter(|c| {
                 c["budget_key"]
                     .as_str()
                     .is_some_and(|k| k.starts_with(&prefix))
             })
+            .collect();
+        let recovered: u64 = recovered_charges
+            .iter()
             .map(|c| c["micros"].as_u64().unwrap_or(0))
             .sum();
+        assert!(
+            recovered_charges.len() <= cycle,
+            "cycle {cycle}: at most one recovered hold per crash for the key's window (clean \
+             stops give holds back): {recovered_charges:?}"
+        );
 
         let mut gw = rig.start_on(&data).await;
         let w = budget_window(&gw, &format!("key:{key_id}")).await;
@@ -889,7 +901,7 @@ async fn kill_9_under_load_loses_no_delivered_request() {
             spent,
             billed + recovered,
             "cycle {cycle}: spent = request costs in the audit log ({billed}) + recovered \
-             reservations ({recovered})"
+             holds ({recovered})"
         );
         stop_clean(&mut gw).await;
     }

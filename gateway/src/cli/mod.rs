@@ -527,6 +527,7 @@ async fn run(cfg: Config) -> ExitCode {
         }
     });
     let directory = state.directory.clone();
+    let budgets = state.governance.budgets.clone();
     // Signal handlers first, so a SIGTERM right after the address line stops cleanly.
     let shutdown = crate::server::shutdown_signal();
     // The one line on stdout: tests and scripts read the bound address from it.
@@ -537,6 +538,11 @@ async fn run(cfg: Config) -> ExitCode {
     reaper.abort();
     if let Err(e) = directory.flush_last_used() {
         tracing::warn!(error = %e, "cannot record key last-use times at shutdown");
+    }
+    // Requests are drained: budget holds go back to what is still reserved, so the next
+    // start charges nothing for them.
+    if let Err(e) = budgets.release_holds().await {
+        tracing::warn!(error = %e, "cannot release budget holds at shutdown; the next start charges them");
     }
     match served {
         Ok(()) => ExitCode::SUCCESS,

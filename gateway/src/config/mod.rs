@@ -99,6 +99,10 @@ pub struct GovernanceConfig {
     pub audit_retention: Option<Duration>,
     /// Output tokens reserved when neither the request nor the catalog gives a cap.
     pub default_max_output_tokens: u64,
+    /// How many worst cases (of the request that raises it) a budget window's durable
+    /// hold runs ahead of what requests in flight reserved; 0: each admission waits for
+    /// a durable write of its own (see `governance::budget`).
+    pub budget_hold_ahead: u64,
     /// Per-request audit records and usage counters; off only for bare proxying (admin
     /// changes and budget settlements are recorded regardless).
     pub record_requests: bool,
@@ -506,6 +510,9 @@ fn governance(raw: RawGovernance, env: &dyn Env, p: &mut Problems) -> Governance
         admin_key_env,
         audit_retention,
         default_max_output_tokens,
+        budget_hold_ahead: raw
+            .budget_hold_ahead
+            .unwrap_or(crate::governance::budget::HOLD_AHEAD),
     }
 }
 

@@ -77,6 +77,8 @@ pub struct RawGovernance {
     /// Days; absent = keep audit records forever.
     pub audit_retention_days: Option<u64>,
     pub default_max_output_tokens: Option<u64>,
+    /// Worst cases a budget window's durable hold runs ahead of what is reserved.
+    pub budget_hold_ahead: Option<u64>,
     /// false: no per-request audit records or usage counters (bare proxying).
     pub record_requests: Option<bool>,
 }

@@ -14,14 +14,28 @@
 //!   index order (each once), checks `spent + reserved + worst <= limit` for money and
 //!   tokens in every window, and only then adds `worst` to `reserved` in every window.
 //!   A refused request changes nothing.
-//! - Durable before use: [`Budgets::reserve`] returns a handle only after the journal
-//!   acknowledged the reservation. If the journal fails, or the `reserve` future is
-//!   dropped while waiting for it, the in-memory hold is released and a zero-charge
-//!   close of the reservation id is sent in the background (so the ledger's close must
-//!   be a no-op for an id it does not hold open).
+//! - Durable before use, in blocks: each window keeps a durable hold in the journal
+//!   (`Op::Hold`), which a crash leaves to be charged in full at the next start. A
+//!   reservation that takes `reserved` above the window's hold raises the hold to
+//!   `reserved` plus `hold_ahead` times its own worst case (capped at what the limit
+//!   leaves), and [`Budgets::reserve`] returns a handle only once the last hold write
+//!   queued for each of its windows is acknowledged; a reservation that fits under the
+//!   hold and finds nothing pending waits for nothing. So the reserved amounts of
+//!   admitted requests never exceed the durable hold: a crash charges at least what was
+//!   in flight, and at most that plus the headroom (the pre-block design charged each
+//!   reservation's worst case exactly, at one durable write per request; `hold_ahead`
+//!   0 gives that back: every admission waits for a write of `hold = reserved`).
+//!   Hold writes are queued under the window's lock, so they reach the journal in the
+//!   order of the values; every value queued is at least `reserved` at that moment.
+//!   When settlements leave a hold more than twice the headroom above `reserved`, it
+//!   is lowered to `reserved` plus the headroom; a window pruned from memory, and
+//!   every window at [`Budgets::release_holds`] (clean shutdown), gives its hold back
+//!   down to what is still reserved. If the journal fails, or the `reserve` future is
+//!   dropped while waiting, the in-memory hold is released; a failed hold write makes
+//!   the next reservation write the hold again.
 //! - Every handle ends exactly once: settled with the actual amounts, or, when dropped
-//!   unsettled, settled with its worst case (conservative; logged). The ledger does
-//!   the same to reservations left open by a crash, so a lost close costs the same.
+//!   unsettled, settled with its worst case (conservative; logged), its charge queued
+//!   to the journal at once (also without an async runtime).
 //! - Settlement records what was actually used even above the worst case. Spending can
 //!   therefore exceed a limit, but only by what requests in flight used beyond their
 //!   own reservations: once `spent >= limit`, no reservation with a non-zero worst case
@@ -33,14 +47,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Shared};
+use futures::FutureExt;
 use serde::Serialize;
 
 use super::model::{Period, Principal, Scope};
-use crate::ledger::{BudgetBalance, Charge, Op, Reservation};
+use crate::ledger::{BudgetBalance, Charge, Op, Reservation, StoredHold};
 
 /// Number of independently locked shards of budget windows.
 const SHARDS: usize = 64;
@@ -50,21 +65,28 @@ const PRUNE_EVERY_MS: i64 = 3_600_000;
 /// A window is kept this long after it ended (late requests with a slightly old `now`).
 const PRUNE_GRACE_MS: i64 = 3_600_000;
 
-/// Where reservations are made durable: the ledger in production, [`MemoryJournal`] in
-/// tests and benchmarks.
+/// Where holds and charges are made durable: the ledger in production,
+/// [`MemoryJournal`] in tests and benchmarks. Both calls queue their write when called
+/// (not when the future is first polled), in call order.
 pub trait Journal: Send + Sync + 'static {
-    /// Holds `r.charges` until the reservation is closed. Durable when it resolves `Ok`.
-    fn open_reservation(&self, r: Reservation) -> BoxFuture<'static, Result<(), String>>;
-    /// Releases reservation `id` and adds `actual` to the balances. Must be a no-op for
-    /// an id that is not open. Durable when it resolves `Ok`.
-    fn close_reservation(
+    /// Sets the durable hold of window `budget_key` (charged in full if a crash leaves
+    /// it) to `micros` / `tokens`, unless a hold of a higher `version` is already
+    /// stored. Durable when it resolves `Ok`.
+    fn hold(
         &self,
-        id: u64,
-        actual: Vec<Charge>,
+        budget_key: &str,
+        micros: u64,
+        tokens: u64,
+        version: u64,
     ) -> BoxFuture<'static, Result<(), String>>;
-    /// A reservation id never handed out before (also across restarts).
-    fn next_reservation_id(&self) -> u64;
+    /// Records `ops` (`Op::Charge` and `Op::Hold`) in one batch. Durable when it
+    /// resolves `Ok`.
+    fn record(&self, ops: Vec<Op>) -> BoxFuture<'static, Result<(), String>>;
 }
+
+/// The default [`Budgets::load_with`] `hold_ahead`: a window's durable hold runs this
+/// many worst cases (of the request that raised it) ahead of what is reserved.
+pub const HOLD_AHEAD: u64 = 16;
 
 /// A budget a request would go over.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,11 +133,9 @@ pub struct BudgetStatus {
 /// The outcome of settling a reservation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settlement {
-    /// `None` when no budget applied to the request (nothing was reserved).
-    pub reservation_id: Option<u64>,
-    /// What to submit to the ledger (with the audit record): the close of the
-    /// reservation with the actual charges. Empty when nothing was reserved, or when
-    /// [`ReservationHandle::settle_via_journal`] already made it durable.
+    /// What to submit to the ledger (with the audit record): the actual charges. Empty
+    /// when nothing was reserved, or when [`ReservationHandle::settle_via_journal`]
+    /// already made them durable.
     pub ops: Vec<Op>,
     /// The actual amount charged to each window.
     pub charges: Vec<Charge>,
@@ -248,6 +268,34 @@ impl Budget {
     }
 }
 
+/// The answer to a hold write, shared by every reservation that waits for it.
+type HoldAnswer = Shared<BoxFuture<'static, Result<(), String>>>;
+
+/// A window's durable hold: the last value given out (queued, or in a settlement's
+/// ops), its version (the journal keeps the highest version it is given), and the last
+/// raise's version and answer, with the highest raise version known durable.
+#[derive(Clone, Default)]
+struct DurableHold {
+    micros: u64,
+    tokens: u64,
+    version: u64,
+    raised: u64,
+    acked: u64,
+    last: Option<HoldAnswer>,
+}
+
+impl fmt::Debug for DurableHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DurableHold")
+            .field("micros", &self.micros)
+            .field("tokens", &self.tokens)
+            .field("version", &self.version)
+            .field("raised", &self.raised)
+            .field("acked", &self.acked)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct Window {
     spent_micros: u64,
@@ -256,6 +304,7 @@ struct Window {
     reserved_tokens: u64,
     /// The limits last applied (for status).
     budget: Budget,
+    hold: DurableHold,
 }
 
 impl Window {
@@ -269,7 +318,70 @@ impl Window {
             tokens: None,
             soft: None,
         },
+        hold: DurableHold {
+            micros: 0,
+            tokens: 0,
+            version: 0,
+            raised: 0,
+            acked: 0,
+            last: None,
+        },
     };
+
+    /// The next version of the hold, set to `micros` / `tokens`.
+    fn next_hold(&mut self, micros: u64, tokens: u64) -> u64 {
+        self.hold.micros = micros;
+        self.hold.tokens = tokens;
+        self.hold.version += 1;
+        self.hold.version
+    }
+
+    /// Queues a write of the durable hold now (under the window's shard lock) and keeps
+    /// its answer for the reservations that must see it durable.
+    fn raise_hold(&mut self, journal: &dyn Journal, key: &str, micros: u64, tokens: u64) {
+        let version = self.next_hold(micros, tokens);
+        self.hold.raised = version;
+        self.hold.last = Some(journal.hold(key, micros, tokens, version).shared());
+    }
+
+    /// `reserved` plus `ahead`, capped at what the limit leaves (never below
+    /// `reserved`): a crash then charges a window at most up to its limit, or what was
+    /// actually in flight.
+    fn hold_target(&self, ahead_micros: u64, ahead_tokens: u64) -> (u64, u64) {
+        let cap = |reserved: u64, ahead: u64, limit: Option<u64>, spent: u64| {
+            let want = reserved.saturating_add(ahead);
+            match limit {
+                Some(l) => want.min(reserved.max(l.saturating_sub(spent))),
+                None => want,
+            }
+        };
+        (
+            cap(
+                self.reserved_micros,
+                ahead_micros,
+                self.budget.micros,
+                self.spent_micros,
+            ),
+            cap(
+                self.reserved_tokens,
+                ahead_tokens,
+                self.budget.tokens,
+                self.spent_tokens,
+            ),
+        )
+    }
+
+    /// A hold write this reservation must see durable before it may proceed: the last
+    /// raise, if it is not known durable yet. (A lowering never needs waiting for: until
+    /// it is durable, a higher value is.)
+    fn pending_raise(&self) -> Option<(u64, HoldAnswer)> {
+        match &self.hold.last {
+            Some(last) if self.hold.raised > self.hold.acked => {
+                Some((self.hold.raised, last.clone()))
+            }
+            _ => None,
+        }
+    }
 
     fn status(&self, key: &str) -> BudgetStatus {
         BudgetStatus {
@@ -292,7 +404,9 @@ struct Shard {
 }
 
 impl Shard {
-    fn prune(&mut self, now_ms: i64) {
+    /// Drops windows that ended more than the grace period ago and hold nothing; a
+    /// durable hold left on one is given back through `journal`.
+    fn prune(&mut self, now_ms: i64, journal: &dyn Journal) {
         let horizon = now_ms.saturating_sub(PRUNE_GRACE_MS);
         let oldest_kept = |p: Period| -> Option<String> {
             (p != Period::Total).then(|| window_start(p, horizon))
@@ -313,10 +427,15 @@ impl Shard {
             let Some(period) = parse_period(period) else {
                 return true;
             };
-            match kept.iter().find(|(p, _)| *p == period) {
+            let keep = match kept.iter().find(|(p, _)| *p == period) {
                 Some((_, Some(oldest))) => label >= oldest.as_str(),
                 _ => true,
+            };
+            if !keep && (w.hold.micros > 0 || w.hold.tokens > 0) {
+                // Queued now; nobody needs to wait for it.
+                drop(journal.hold(key, 0, 0, w.hold.version + 1));
             }
+            keep
         });
         self.pruned_at_ms = now_ms;
     }
@@ -333,6 +452,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
     journal: Arc<dyn Journal>,
+    /// Worst cases a durable hold is kept ahead of what is reserved (module docs).
+    hold_ahead: u64,
 }
 
 /// Shards locked in ascending index order, each once.
@@ -371,12 +492,12 @@ impl Inner {
     /// worst case when `actual` is `None`).
     fn settle(&self, held: &[Held], actual: Option<(u64, u64)>) -> Settlement {
         let mut s = Settlement {
-            reservation_id: None,
             ops: Vec::new(),
             charges: Vec::with_capacity(held.len()),
             warnings: Vec::new(),
             soft_exceeded: false,
         };
+        let mut lowered = Vec::new();
         let mut locked = self.lock_all(held.iter().map(|h| h.shard));
         for h in held {
             let (micros, tokens) = actual.unwrap_or((h.micros, h.tokens));
@@ -390,6 +511,7 @@ impl Inner {
                 let before = w.spent_micros;
                 w.spent_micros = w.spent_micros.saturating_add(micros);
                 w.spent_tokens = w.spent_tokens.saturating_add(tokens);
+                lowered.extend(self.lower_hold(w, h));
                 if let Some(soft) = h.budget.soft {
                     if w.spent_micros > soft {
                         s.soft_exceeded = true;
@@ -408,7 +530,41 @@ impl Inner {
                 tokens,
             });
         }
+        if !held.is_empty() {
+            s.ops.push(Op::Charge(s.charges.clone()));
+            s.ops.extend(lowered);
+        }
         s
+    }
+
+    /// After `h` left window `w` (locked) and its charge was added to `spent`: the op
+    /// that lowers the durable hold, to go in the same batch as the charge, when the
+    /// hold is more than twice the headroom above `reserved` (with `hold_ahead` 0: above
+    /// `reserved` at all), or above what the limit leaves after `spent`: to `reserved`
+    /// plus the headroom, capped by the limit.
+    fn lower_hold(&self, w: &mut Window, h: &Held) -> Option<Op> {
+        let ahead_m = h.micros.saturating_mul(self.hold_ahead);
+        let ahead_t = h.tokens.saturating_mul(self.hold_ahead);
+        let (cap_m, cap_t) = w.hold_target(u64::MAX, u64::MAX);
+        let slack_m = w.hold.micros.saturating_sub(w.reserved_micros);
+        let slack_t = w.hold.tokens.saturating_sub(w.reserved_tokens);
+        let too_much = |slack: u64, ahead: u64| slack > 0 && slack > ahead.saturating_mul(2);
+        if too_much(slack_m, ahead_m)
+            || too_much(slack_t, ahead_t)
+            || w.hold.micros > cap_m
+            || w.hold.tokens > cap_t
+        {
+            let (m, t) = w.hold_target(ahead_m, ahead_t);
+            let (micros, tokens) = (m.min(w.hold.micros), t.min(w.hold.tokens));
+            let version = w.next_hold(micros, tokens);
+            return Some(Op::Hold {
+                budget_key: h.key.clone(),
+                micros,
+                tokens,
+                version,
+            });
+        }
+        None
     }
 
     /// Gives holds back without charging anything.
@@ -422,26 +578,16 @@ impl Inner {
         }
     }
 
-    /// Sends a close of reservation `id` without waiting for it. Without a runtime the
-    /// reservation stays open in the ledger, which charges it in full at the next start.
-    fn close_in_background(&self, id: u64, actual: Vec<Charge>, why: &'static str) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                let close = self.journal.close_reservation(id, actual);
-                drop(rt.spawn(async move {
-                    if let Err(e) = close.await {
-                        tracing::error!(
-                            reservation = id,
-                            error = %e,
-                            "closing a budget reservation ({why}) failed; the ledger charges it in full at next start"
-                        );
-                    }
-                }));
-            }
-            Err(_) => tracing::error!(
-                reservation = id,
-                "no runtime to close a budget reservation ({why}); the ledger charges it in full at next start"
-            ),
+    /// Queues `ops` to the journal now and, where there is a runtime, logs their
+    /// failure from a background task.
+    fn record_in_background(&self, ops: Vec<Op>, why: &'static str) {
+        let charge = self.journal.record(ops);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            drop(rt.spawn(async move {
+                if let Err(e) = charge.await {
+                    tracing::error!(error = %e, "recording a budget charge ({why}) failed");
+                }
+            }));
         }
     }
 }
@@ -460,6 +606,9 @@ impl fmt::Debug for Budgets {
     }
 }
 
+/// A hold write a reservation waits for: shard, window key, ticket, answer.
+type HoldWait = (usize, String, u64, HoldAnswer);
+
 /// What one reservation holds in one window.
 #[derive(Debug, Clone)]
 struct Held {
@@ -471,12 +620,11 @@ struct Held {
     tokens: u64,
 }
 
-/// A reservation between the in-memory hold and the journal's acknowledgement: dropped
-/// while armed (journal failure, or the `reserve` future dropped), it gives the hold
-/// back and closes the reservation at zero in the background.
+/// A reservation between the in-memory hold and the journal's acknowledgement of its
+/// windows' durable holds: dropped while armed (journal failure, or the `reserve`
+/// future dropped), it gives the in-memory hold back.
 struct Pending {
     inner: Arc<Inner>,
-    id: u64,
     held: Vec<Held>,
     armed: bool,
 }
@@ -485,8 +633,6 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if self.armed {
             self.inner.release(&self.held);
-            self.inner
-                .close_in_background(self.id, Vec::new(), "reservation abandoned");
         }
     }
 }
@@ -496,7 +642,6 @@ impl Drop for Pending {
 /// worst case.
 pub struct ReservationHandle {
     inner: Arc<Inner>,
-    id: Option<u64>,
     held: Vec<Held>,
     soft_exceeded: bool,
     done: bool,
@@ -505,7 +650,6 @@ pub struct ReservationHandle {
 impl fmt::Debug for ReservationHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReservationHandle")
-            .field("id", &self.id)
             .field("held", &self.held)
             .field("soft_exceeded", &self.soft_exceeded)
             .finish_non_exhaustive()
@@ -513,9 +657,9 @@ impl fmt::Debug for ReservationHandle {
 }
 
 impl ReservationHandle {
-    /// The ledger reservation id; `None` when no budget applies to the request.
-    pub fn id(&self) -> Option<u64> {
-        self.id
+    /// Whether some budget applies to the request (something is held).
+    pub fn holds_anything(&self) -> bool {
+        !self.held.is_empty()
     }
 
     /// Whether, counting this request's worst case and everything else reserved, some
@@ -573,27 +717,16 @@ impl ReservationHandle {
 
     /// Moves the hold to spent with the actual amounts (charged to every window the
     /// request reserved in, even above the worst case) and returns the ledger ops to
-    /// submit durably together with the audit record. Until they are submitted the
-    /// ledger keeps the reservation open (charged in full after a crash).
+    /// submit durably together with the audit record: the charges, and the lowering of
+    /// a window's durable hold where it is due.
     pub fn settle(mut self, actual_micros: u64, actual_tokens: u64) -> Settlement {
         self.done = true;
-        let mut s = self
-            .inner
-            .settle(&self.held, Some((actual_micros, actual_tokens)));
-        s.reservation_id = self.id;
-        if let Some(id) = self.id {
-            s.ops.push(Op::CloseReservation {
-                id,
-                actual: s.charges.clone(),
-            });
-        }
-        s
+        self.inner
+            .settle(&self.held, Some((actual_micros, actual_tokens)))
     }
 
-    /// [`ReservationHandle::settle`], then makes it durable through the journal; the
-    /// returned settlement has no ops left to submit. On a journal error the in-memory
-    /// state is settled and the ledger keeps the reservation open (charged in full at
-    /// next start).
+    /// [`ReservationHandle::settle`], then makes its ops durable through the journal;
+    /// the returned settlement has no ops left to submit.
     pub async fn settle_via_journal(
         self,
         actual_micros: u64,
@@ -601,9 +734,8 @@ impl ReservationHandle {
     ) -> Result<Settlement, String> {
         let journal = self.inner.journal.clone();
         let mut s = self.settle(actual_micros, actual_tokens);
-        if let Some(id) = s.reservation_id {
-            s.ops.clear();
-            journal.close_reservation(id, s.charges.clone()).await?;
+        if !s.ops.is_empty() {
+            journal.record(std::mem::take(&mut s.ops)).await?;
         }
         Ok(s)
     }
@@ -611,25 +743,30 @@ impl ReservationHandle {
 
 impl Drop for ReservationHandle {
     fn drop(&mut self) {
-        if self.done {
+        if self.done || self.held.is_empty() {
             return;
         }
         let s = self.inner.settle(&self.held, None);
-        if let Some(id) = self.id {
-            tracing::warn!(
-                reservation = id,
-                "budget reservation dropped unsettled; charging its worst case"
-            );
-            self.inner
-                .close_in_background(id, s.charges, "dropped unsettled");
-        }
+        tracing::warn!("budget reservation dropped unsettled; charging its worst case");
+        self.inner.record_in_background(s.ops, "dropped unsettled");
     }
 }
 
 impl Budgets {
     /// The budgets as the ledger left them: `balances` are the spent amounts per window
-    /// (reservations open at the last stop already charged in full by the ledger).
+    /// (holds and reservations left by the last stop already charged in full by the
+    /// ledger), with the default [`HOLD_AHEAD`].
     pub fn load(journal: Arc<dyn Journal>, balances: Vec<(String, BudgetBalance)>) -> Self {
+        Self::load_with(journal, balances, HOLD_AHEAD)
+    }
+
+    /// [`Budgets::load`] with durable holds kept `hold_ahead` worst cases ahead of what
+    /// is reserved (0: every admission waits for a durable write of its own).
+    pub fn load_with(
+        journal: Arc<dyn Journal>,
+        balances: Vec<(String, BudgetBalance)>,
+        hold_ahead: u64,
+    ) -> Self {
         let inner = Inner {
             shards: (0..SHARDS)
                 .map(|_| {
@@ -640,6 +777,7 @@ impl Budgets {
                 })
                 .collect(),
             journal,
+            hold_ahead,
         };
         for (key, b) in balances {
             let mut shard = inner.lock(inner.shard_of(&key));
@@ -660,51 +798,42 @@ impl Budgets {
     pub async fn reserve(
         &self,
         principal: &Principal,
-        request_id: &str,
         worst_micros: u64,
         worst_tokens: u64,
         now_ms: i64,
     ) -> Result<ReservationHandle, BudgetError> {
-        let (held, soft_exceeded) = self.hold(principal, worst_micros, worst_tokens, now_ms)?;
-        if held.is_empty() {
-            return Ok(ReservationHandle {
-                inner: self.inner.clone(),
-                id: None,
-                held,
-                soft_exceeded,
-                done: false,
-            });
-        }
-        let id = self.inner.journal.next_reservation_id();
-        let reservation = Reservation {
-            id,
-            request_id: request_id.to_owned(),
-            key_id: principal.key_id.clone(),
-            charges: held
-                .iter()
-                .map(|h| Charge {
-                    budget_key: h.key.clone(),
-                    micros: h.micros,
-                    tokens: h.tokens,
-                })
-                .collect(),
-            opened_at: now_ms,
-        };
+        let (held, soft_exceeded, waits) =
+            self.hold(principal, worst_micros, worst_tokens, now_ms)?;
         let mut pending = Pending {
             inner: self.inner.clone(),
-            id,
             held,
             armed: true,
         };
-        self.inner
-            .journal
-            .open_reservation(reservation)
-            .await
-            .map_err(BudgetError::Journal)?;
+        let mut failed = None;
+        for (shard, key, ticket, answer) in waits {
+            let outcome = answer.await;
+            let mut locked = self.inner.lock(shard);
+            let Some(w) = locked.windows.get_mut(&key) else {
+                continue;
+            };
+            match outcome {
+                Ok(()) => w.hold.acked = w.hold.acked.max(ticket),
+                Err(e) => {
+                    if w.hold.raised == ticket {
+                        // What is durable is unknown: the next reservation writes again.
+                        w.hold.micros = 0;
+                        w.hold.tokens = 0;
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(BudgetError::Journal(e));
+        }
         pending.armed = false;
         Ok(ReservationHandle {
             inner: self.inner.clone(),
-            id: Some(id),
             held: std::mem::take(&mut pending.held),
             soft_exceeded,
             done: false,
@@ -718,7 +847,7 @@ impl Budgets {
         worst_micros: u64,
         worst_tokens: u64,
         now_ms: i64,
-    ) -> Result<(Vec<Held>, bool), BudgetExceeded> {
+    ) -> Result<(Vec<Held>, bool, Vec<HoldWait>), BudgetExceeded> {
         let inner = &self.inner;
         let mut held: Vec<Held> = Vec::with_capacity(principal.limits.len());
         for (scope, l) in &principal.limits {
@@ -744,7 +873,7 @@ impl Budgets {
             }
         }
         if held.is_empty() {
-            return Ok((held, false));
+            return Ok((held, false, Vec::new()));
         }
         let mut locked = inner.lock_all(held.iter().map(|h| h.shard));
 
@@ -795,6 +924,10 @@ impl Budgets {
         }
 
         let mut soft_exceeded = false;
+        let mut waits = Vec::new();
+        let journal = inner.journal.as_ref();
+        let ahead_m = worst_micros.saturating_mul(inner.hold_ahead);
+        let ahead_t = worst_tokens.saturating_mul(inner.hold_ahead);
         for h in &held {
             let Some(shard) = locked.get(h.shard) else {
                 continue;
@@ -809,13 +942,21 @@ impl Budgets {
             if let Some(soft) = h.budget.soft {
                 soft_exceeded |= w.spent_micros.saturating_add(w.reserved_micros) > soft;
             }
+            if w.reserved_micros > w.hold.micros || w.reserved_tokens > w.hold.tokens {
+                let (m, t) = w.hold_target(ahead_m, ahead_t);
+                let (m, t) = (m.max(w.hold.micros), t.max(w.hold.tokens));
+                w.raise_hold(journal, &h.key, m, t);
+            }
+            if let Some((ticket, answer)) = w.pending_raise() {
+                waits.push((h.shard, h.key.clone(), ticket, answer));
+            }
         }
         for (_, shard) in &mut locked.0 {
             if now_ms >= shard.pruned_at_ms.saturating_add(PRUNE_EVERY_MS) {
-                shard.prune(now_ms);
+                shard.prune(now_ms, journal);
             }
         }
-        Ok((held, soft_exceeded))
+        Ok((held, soft_exceeded, waits))
     }
 
     /// Every window of `scope` in memory (of `period` when given), sorted by key: the
@@ -875,8 +1016,31 @@ impl Budgets {
     /// (reservation also does it, a shard at most once an hour).
     pub fn prune(&self, now_ms: i64) {
         for i in 0..self.inner.shards.len() {
-            self.inner.lock(i).prune(now_ms);
+            self.inner
+                .lock(i)
+                .prune(now_ms, self.inner.journal.as_ref());
         }
+    }
+
+    /// Lowers every window's durable hold to what is still reserved (nothing, once
+    /// requests are drained) and waits until that is durable: for a clean shutdown, so
+    /// that the next start charges nothing for requests that were not in flight.
+    pub async fn release_holds(&self) -> Result<(), String> {
+        let mut answers = Vec::new();
+        for i in 0..self.inner.shards.len() {
+            let mut shard = self.inner.lock(i);
+            for (key, w) in shard.windows.iter_mut() {
+                if w.hold.micros > w.reserved_micros || w.hold.tokens > w.reserved_tokens {
+                    let (m, t) = (w.reserved_micros, w.reserved_tokens);
+                    w.raise_hold(self.inner.journal.as_ref(), key, m, t);
+                    answers.extend(w.hold.last.clone());
+                }
+            }
+        }
+        for a in answers {
+            a.await?;
+        }
+        Ok(())
     }
 
     /// Number of windows in memory.
@@ -895,7 +1059,6 @@ impl Budgets {
 /// futures do nothing until polled.
 #[derive(Debug, Default)]
 pub struct MemoryJournal {
-    next_id: AtomicU64,
     shared: Arc<MemoryShared>,
 }
 
@@ -909,6 +1072,7 @@ struct MemoryShared {
 struct MemoryLedger {
     open: BTreeMap<u64, Reservation>,
     balances: BTreeMap<String, BudgetBalance>,
+    holds: BTreeMap<String, StoredHold>,
 }
 
 impl MemoryShared {
@@ -934,6 +1098,16 @@ impl MemoryShared {
                     actual
                 }
                 Op::Charge(c) => c,
+                Op::Hold {
+                    budget_key,
+                    micros,
+                    tokens,
+                    version,
+                } => {
+                    let h = st.holds.entry(budget_key.clone()).or_default();
+                    h.apply(*micros, *tokens, *version);
+                    continue;
+                }
                 Op::Audit(_) | Op::Usage { .. } => continue,
             };
             for c in charges {
@@ -956,8 +1130,8 @@ impl MemoryJournal {
         self.shared.failing.store(failing, Ordering::SeqCst);
     }
 
-    /// Applies a batch at once, as the ledger would (reservations and charges; other
-    /// ops are accepted and ignored).
+    /// Applies a batch at once, as the ledger would (reservations, holds and charges;
+    /// other ops are accepted and ignored).
     pub fn apply(&self, ops: &[Op]) -> Result<(), String> {
         self.shared.apply(ops)
     }
@@ -976,30 +1150,57 @@ impl MemoryJournal {
     pub fn open_reservations(&self) -> Vec<Reservation> {
         self.shared.lock().open.values().cloned().collect()
     }
+
+    /// Non-zero holds per window (micros, tokens), sorted by key.
+    pub fn holds(&self) -> Vec<(String, (u64, u64))> {
+        let st = self.shared.lock();
+        st.holds
+            .iter()
+            .filter(|(_, h)| h.micros > 0 || h.tokens > 0)
+            .map(|(k, h)| (k.clone(), (h.micros, h.tokens)))
+            .collect()
+    }
+
+    /// What a crash now would leave charged per window: balances plus holds (as the
+    /// ledger's recovery charges them), sorted by key.
+    pub fn after_crash(&self) -> Vec<(String, BudgetBalance)> {
+        let st = self.shared.lock();
+        let mut out = st.balances.clone();
+        for (k, h) in &st.holds {
+            let b = out.entry(k.clone()).or_default();
+            b.spent_micros = b.spent_micros.saturating_add(h.micros);
+            b.spent_tokens = b.spent_tokens.saturating_add(h.tokens);
+        }
+        out.into_iter().collect()
+    }
 }
 
+/// Applied when called (the ledger queues when called), answered when polled.
 impl Journal for MemoryJournal {
-    fn open_reservation(&self, r: Reservation) -> BoxFuture<'static, Result<(), String>> {
-        let shared = self.shared.clone();
-        Box::pin(async move { shared.apply(&[Op::OpenReservation(r)]) })
-    }
-
-    fn close_reservation(
+    fn hold(
         &self,
-        id: u64,
-        actual: Vec<Charge>,
+        budget_key: &str,
+        micros: u64,
+        tokens: u64,
+        version: u64,
     ) -> BoxFuture<'static, Result<(), String>> {
-        let shared = self.shared.clone();
-        Box::pin(async move { shared.apply(&[Op::CloseReservation { id, actual }]) })
+        let done = self.shared.apply(&[Op::Hold {
+            budget_key: budget_key.to_owned(),
+            micros,
+            tokens,
+            version,
+        }]);
+        Box::pin(futures::future::ready(done))
     }
 
-    fn next_reservation_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    fn record(&self, ops: Vec<Op>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(futures::future::ready(self.shared.apply(&ops)))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
     use rand::rngs::StdRng;
@@ -1156,16 +1357,13 @@ mod tests {
                 Period::Weekly => (NOW + 7 * MS_PER_DAY, "2026-W49", "2026-W50"),
                 _ => (NOW + MS_PER_DAY, "2026-11", "2026-12"),
             };
-            b.reserve(&p, "r1", 1000, 0, NOW)
-                .await
-                .unwrap()
-                .settle(1000, 0);
-            let e = b.reserve(&p, "r2", 1, 0, NOW).await.unwrap_err();
+            b.reserve(&p, 1000, 0, NOW).await.unwrap().settle(1000, 0);
+            let e = b.reserve(&p, 1, 0, NOW).await.unwrap_err();
             assert!(
                 matches!(e, BudgetError::Exceeded(ref x) if x.kind == "budget"),
                 "{e}"
             );
-            let h = b.reserve(&p, "r3", 1000, 0, next).await.unwrap();
+            let h = b.reserve(&p, 1000, 0, next).await.unwrap();
             let s = b.status(&key("k"), Some(period));
             let keys: Vec<_> = s.iter().map(|s| s.budget_key.as_str()).collect();
             let name = period_name(period);
@@ -1189,20 +1387,18 @@ mod tests {
             ..money(1_000_000, Period::Monthly)
         };
         let p = principal("k", key_limits, money(5_000_000, Period::Total));
-        let h = b.reserve(&p, "req-1", 3000, 500, NOW).await.unwrap();
-        assert_eq!(h.id(), Some(1));
+        let h = b.reserve(&p, 3000, 500, NOW).await.unwrap();
+        assert!(h.holds_anything());
         assert!(!h.soft_exceeded());
-        let open = j.open_reservations();
-        assert_eq!(open.len(), 1);
+        // Each window's durable hold covers the worst case and HOLD_AHEAD more of it;
+        // both limits leave room for all of it.
         assert_eq!(
-            (
-                open[0].request_id.as_str(),
-                open[0].key_id.as_str(),
-                open[0].opened_at
-            ),
-            ("req-1", "k", NOW)
+            j.holds(),
+            vec![
+                ("key:k|monthly|2026-11".to_owned(), (3000 * 17, 500 * 17)),
+                ("team:t1|total|total".to_owned(), (3000 * 17, 500 * 17)),
+            ]
         );
-        assert_eq!(open[0].charges, h.charges());
         assert_eq!(
             h.charges()
                 .iter()
@@ -1234,9 +1430,8 @@ mod tests {
                 tokens: 321,
             },
         ];
-        assert_eq!(s.reservation_id, Some(1));
         assert_eq!(s.charges, actual);
-        assert_eq!(s.ops, vec![Op::CloseReservation { id: 1, actual }]);
+        assert_eq!(s.ops, vec![Op::Charge(actual)]);
         assert!(s.warnings.is_empty() && !s.soft_exceeded);
         for scope in [key("k"), team()] {
             let st = only(&b, &scope);
@@ -1252,26 +1447,33 @@ mod tests {
         }
         // The caller submits the ops with its audit record.
         j.apply(&s.ops).unwrap();
-        assert!(j.open_reservations().is_empty());
         assert_eq!(j.balances().len(), 2);
+        // Nothing reserved, the holds stay (within twice the headroom): the next
+        // request waits for no write.
+        assert_eq!(j.holds().len(), 2);
 
         // Through the journal directly: nothing left to submit.
-        let h = b.reserve(&p, "req-2", 10, 1, NOW).await.unwrap();
+        let h = b.reserve(&p, 10, 1, NOW).await.unwrap();
         let s = h.settle_via_journal(10, 1).await.unwrap();
         assert!(s.ops.is_empty());
-        assert!(j.open_reservations().is_empty());
         assert_eq!(j.balances()[0].1.spent_micros, 1210);
+        // A clean shutdown gives every hold back.
+        b.release_holds().await.unwrap();
+        assert!(j.holds().is_empty());
     }
 
     #[tokio::test]
     async fn a_principal_without_budgets_reserves_nothing() {
         let (b, j) = budgets();
         let p = principal("k", Limits::default(), Limits::default());
-        let h = b.reserve(&p, "r", 1000, 10, NOW).await.unwrap();
-        assert_eq!((h.id(), h.remaining_tokens(0, 0, 1)), (None, None));
+        let h = b.reserve(&p, 1000, 10, NOW).await.unwrap();
+        assert_eq!(
+            (h.holds_anything(), h.remaining_tokens(0, 0, 1)),
+            (false, None)
+        );
         let s = h.settle(5, 5);
-        assert_eq!((s.reservation_id, s.ops.len()), (None, 0));
-        assert!(j.open_reservations().is_empty() && b.windows() == 0);
+        assert_eq!(s.ops.len(), 0);
+        assert!(j.holds().is_empty() && b.windows() == 0);
     }
 
     #[tokio::test]
@@ -1282,9 +1484,9 @@ mod tests {
             ..money(1_000_000, Period::Daily)
         };
         let p = principal("k", key_limits, money(2500, Period::Monthly));
-        let h = b.reserve(&p, "r1", 2000, 100, NOW).await.unwrap();
+        let h = b.reserve(&p, 2000, 100, NOW).await.unwrap();
         let before = b.status(&key("k"), None);
-        let e = b.reserve(&p, "r2", 1000, 100, NOW).await.unwrap_err();
+        let e = b.reserve(&p, 1000, 100, NOW).await.unwrap_err();
         let BudgetError::Exceeded(e) = e else {
             panic!("{e}")
         };
@@ -1301,7 +1503,7 @@ mod tests {
             }
         );
         assert_eq!(b.status(&key("k"), None), before);
-        assert_eq!(j.open_reservations().len(), 1);
+        assert_eq!(j.holds().len(), 2, "the refusal wrote no hold");
         // The most specific refusal is reported; token quotas are checked too.
         let p = principal(
             "k",
@@ -1311,8 +1513,7 @@ mod tests {
             },
             money(1, Period::Daily),
         );
-        let BudgetError::Exceeded(e) = b.reserve(&p, "r3", 1000, 200, NOW).await.unwrap_err()
-        else {
+        let BudgetError::Exceeded(e) = b.reserve(&p, 1000, 200, NOW).await.unwrap_err() else {
             panic!()
         };
         assert_eq!(
@@ -1327,10 +1528,10 @@ mod tests {
         let (b, _) = budgets();
         let mut p = principal("k", money(5000, Period::Daily), Limits::default());
         p.limits.push((key("k"), money(1500, Period::Daily)));
-        let h = b.reserve(&p, "r", 1000, 0, NOW).await.unwrap();
+        let h = b.reserve(&p, 1000, 0, NOW).await.unwrap();
         assert_eq!(h.charges().len(), 1);
         assert_eq!(only(&b, &key("k")).reserved_micros, 1000);
-        assert!(b.reserve(&p, "r", 1000, 0, NOW).await.is_err());
+        assert!(b.reserve(&p, 1000, 0, NOW).await.is_err());
         h.settle(1000, 0);
     }
 
@@ -1339,38 +1540,40 @@ mod tests {
         let (b, j) = budgets();
         let p = principal("k", money(1000, Period::Daily), money(1000, Period::Daily));
         j.set_failing(true);
-        let e = b.reserve(&p, "r", 1000, 10, NOW).await.unwrap_err();
+        let e = b.reserve(&p, 1000, 10, NOW).await.unwrap_err();
         assert!(matches!(e, BudgetError::Journal(_)), "{e}");
         for scope in [key("k"), team()] {
             let st = only(&b, &scope);
             assert_eq!((st.reserved_micros, st.reserved_tokens), (0, 0));
         }
         j.set_failing(false);
-        let h = b.reserve(&p, "r", 1000, 10, NOW).await.unwrap();
+        let h = b.reserve(&p, 1000, 10, NOW).await.unwrap();
         assert_eq!(only(&b, &team()).reserved_micros, 1000);
         h.settle(1, 1);
     }
 
-    /// A journal whose opens never resolve; it records the closes it is sent.
+    /// A journal whose hold writes never resolve; it records the holds it is sent.
     #[derive(Default)]
     struct Stuck {
-        closes: Mutex<Vec<(u64, Vec<Charge>)>>,
+        holds: Mutex<Vec<(String, u64, u64)>>,
     }
 
     impl Journal for Stuck {
-        fn open_reservation(&self, _: Reservation) -> BoxFuture<'static, Result<(), String>> {
+        fn hold(
+            &self,
+            key: &str,
+            micros: u64,
+            tokens: u64,
+            _: u64,
+        ) -> BoxFuture<'static, Result<(), String>> {
+            self.holds
+                .lock()
+                .unwrap()
+                .push((key.to_owned(), micros, tokens));
             Box::pin(futures::future::pending())
         }
-        fn close_reservation(
-            &self,
-            id: u64,
-            actual: Vec<Charge>,
-        ) -> BoxFuture<'static, Result<(), String>> {
-            self.closes.lock().unwrap().push((id, actual));
+        fn record(&self, _: Vec<Op>) -> BoxFuture<'static, Result<(), String>> {
             Box::pin(futures::future::ready(Ok(())))
-        }
-        fn next_reservation_id(&self) -> u64 {
-            77
         }
     }
 
@@ -1378,25 +1581,76 @@ mod tests {
     async fn a_reserve_dropped_while_waiting_for_the_journal_gives_the_hold_back() {
         let j = Arc::new(Stuck::default());
         let b = Budgets::load(j.clone(), Vec::new());
-        let p = principal("k", money(1000, Period::Daily), Limits::default());
-        let mut f = Box::pin(b.reserve(&p, "r", 1000, 0, NOW));
+        let p = principal("k", money(10_000, Period::Daily), Limits::default());
+        let mut f = Box::pin(b.reserve(&p, 1000, 0, NOW));
         assert!(futures::poll!(&mut f).is_pending());
         assert_eq!(only(&b, &key("k")).reserved_micros, 1000);
+        // The hold asked for: the worst case and 16 more, capped at the limit.
+        let want = vec![("key:k|daily|2026-11-30".to_owned(), 10_000, 0)];
+        assert_eq!(*j.holds.lock().unwrap(), want);
+        // A second request fits under the queued hold but must wait for it too.
+        let mut g = Box::pin(b.reserve(&p, 1000, 0, NOW));
+        assert!(futures::poll!(&mut g).is_pending());
+        assert_eq!(j.holds.lock().unwrap().len(), 1, "no second write");
         drop(f);
+        drop(g);
         assert_eq!(only(&b, &key("k")).reserved_micros, 0);
-        // The zero close is built at once and sent from a background task.
-        assert_eq!(*j.closes.lock().unwrap(), vec![(77, Vec::new())]);
     }
 
-    /// Waits (polling, bounded) until `cond` holds.
-    async fn until(mut cond: impl FnMut() -> bool) {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !cond() {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+    /// The exact mode: with `hold_ahead` 0 every admission writes `hold = reserved`,
+    /// and every settlement lowers it again.
+    #[tokio::test]
+    async fn hold_ahead_zero_holds_exactly_what_is_reserved() {
+        let j = Arc::new(MemoryJournal::new());
+        let b = Budgets::load_with(j.clone(), Vec::new(), 0);
+        let p = principal("k", money(10_000, Period::Daily), Limits::default());
+        let h1 = b.reserve(&p, 1000, 10, NOW).await.unwrap();
+        let h2 = b.reserve(&p, 300, 3, NOW).await.unwrap();
+        let k = "key:k|daily|2026-11-30".to_owned();
+        assert_eq!(j.holds(), vec![(k.clone(), (1300, 13))]);
+        j.apply(&h1.settle(200, 2).ops).unwrap();
+        assert_eq!(j.holds(), vec![(k.clone(), (300, 3))]);
+        // A crash now charges what was settled and the worst case still in flight.
+        let crash = j.after_crash();
+        assert_eq!(
+            crash,
+            vec![(
+                k,
+                BudgetBalance {
+                    spent_micros: 500,
+                    spent_tokens: 5
+                }
+            )]
+        );
+        j.apply(&h2.settle(300, 3).ops).unwrap();
+        assert!(j.holds().is_empty());
+    }
+
+    /// Holds follow a surge up and come back down (hysteresis) once it is over.
+    #[tokio::test]
+    async fn holds_grow_in_blocks_and_shrink_after_a_surge() {
+        let (b, j) = budgets();
+        let p = principal("k", money(1_000_000_000, Period::Daily), Limits::default());
+        let k = "key:k|daily|2026-11-30".to_owned();
+        let hold = |j: &MemoryJournal| j.holds().first().map(|(_, h)| h.0).unwrap_or(0);
+        let mut handles = Vec::new();
+        for i in 0..40u64 {
+            handles.push(b.reserve(&p, 100, 0, NOW).await.unwrap());
+            let reserved = 100 * (i + 1);
+            assert!(hold(&j) >= reserved, "the hold covers every admission");
+            assert!(hold(&j) <= reserved + 100 * HOLD_AHEAD);
+        }
+        // 40 admissions, and the hold was written only when exceeded: 1 + 40 / 17 times.
+        assert_eq!(hold(&j), 100 * (35 + HOLD_AHEAD));
+        for h in handles.drain(..) {
+            j.apply(&h.settle(50, 0).ops).unwrap();
+            assert!(hold(&j) >= only(&b, &key("k")).reserved_micros);
+        }
+        // Drained: the hold came down to at most twice the headroom.
+        assert!(hold(&j) <= 2 * 100 * HOLD_AHEAD, "{}", hold(&j));
+        let crash = j.after_crash();
+        assert_eq!(crash[0].0, k);
+        assert_eq!(crash[0].1.spent_micros, 40 * 50 + hold(&j));
     }
 
     #[tokio::test]
@@ -1407,7 +1661,7 @@ mod tests {
             money(10_000, Period::Daily),
             money(10_000, Period::Daily),
         );
-        let h = b.reserve(&p, "r", 4000, 40, NOW).await.unwrap();
+        let h = b.reserve(&p, 4000, 40, NOW).await.unwrap();
         drop(h);
         for scope in [key("k"), team()] {
             let st = only(&b, &scope);
@@ -1416,7 +1670,6 @@ mod tests {
                 (4000, 0, 40)
             );
         }
-        until(|| j.open_reservations().is_empty()).await;
         let balances = j.balances();
         assert_eq!(balances.len(), 2);
         assert!(balances
@@ -1425,18 +1678,18 @@ mod tests {
     }
 
     #[test]
-    fn a_handle_dropped_without_a_runtime_stays_open_in_the_ledger() {
+    fn a_handle_dropped_without_a_runtime_is_charged_all_the_same() {
         let (b, j) = budgets();
         let p = principal("k", money(10_000, Period::Daily), Limits::default());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let h = rt.block_on(b.reserve(&p, "r", 4000, 40, NOW)).unwrap();
+        let h = rt.block_on(b.reserve(&p, 4000, 40, NOW)).unwrap();
         drop(rt);
         drop(h);
         assert_eq!(only(&b, &key("k")).spent_micros, 4000);
-        // The ledger charges it in full at the next start: the same worst case.
-        assert_eq!(j.open_reservations().len(), 1);
+        // Queued to the journal at drop, with no runtime to wait on it.
+        assert_eq!(j.balances()[0].1.spent_micros, 4000);
     }
 
     #[tokio::test]
@@ -1449,7 +1702,7 @@ mod tests {
         let p = principal("k", limits, Limits::default());
         let mut flags = Vec::new();
         for _ in 0..4 {
-            let h = b.reserve(&p, "r", 1000, 0, NOW).await.unwrap();
+            let h = b.reserve(&p, 1000, 0, NOW).await.unwrap();
             let reserved_flag = h.soft_exceeded();
             let s = h.settle(1000, 0);
             flags.push((reserved_flag, s.soft_exceeded, s.warnings));
@@ -1477,7 +1730,7 @@ mod tests {
             },
             Limits::default(),
         );
-        let h = b.reserve(&p, "r", 1_000_000, 0, NOW).await.unwrap();
+        let h = b.reserve(&p, 1_000_000, 0, NOW).await.unwrap();
         assert!(h.soft_exceeded());
         assert_eq!(h.settle(5, 0).warnings.len(), 1);
         assert_eq!(only(&b, &key("s")).soft_budget_micros, Some(1));
@@ -1487,16 +1740,16 @@ mod tests {
     async fn spending_beyond_the_worst_case_is_recorded_and_stops_new_requests() {
         let (b, _) = budgets();
         let p = principal("k", money(1000, Period::Daily), Limits::default());
-        let h = b.reserve(&p, "r", 600, 0, NOW).await.unwrap();
+        let h = b.reserve(&p, 600, 0, NOW).await.unwrap();
         h.settle(1300, 0);
         assert_eq!(only(&b, &key("k")).spent_micros, 1300);
-        let e = b.reserve(&p, "r", 1, 0, NOW).await.unwrap_err();
+        let e = b.reserve(&p, 1, 0, NOW).await.unwrap_err();
         assert!(
             matches!(e, BudgetError::Exceeded(ref x) if x.spent == 1300),
             "{e}"
         );
         // A zero worst case is admitted only while not over the limit.
-        assert!(b.reserve(&p, "r", 0, 0, NOW).await.is_err());
+        assert!(b.reserve(&p, 0, 0, NOW).await.is_err());
     }
 
     #[tokio::test]
@@ -1507,8 +1760,8 @@ mod tests {
             ..Limits::default()
         };
         let p = principal("k", key_limits, money(10_000, Period::Daily));
-        let other = b.reserve(&p, "other", 2000, 300, NOW).await.unwrap();
-        let h = b.reserve(&p, "me", 1000, 100, NOW).await.unwrap();
+        let other = b.reserve(&p, 2000, 300, NOW).await.unwrap();
+        let h = b.reserve(&p, 1000, 100, NOW).await.unwrap();
         // Tokens: 1000 - 300 (other's hold) - 50 used = 650. Money: 10_000 - 2000 -
         // 400 used = 7600 at 20 per token = 380.
         assert_eq!(h.remaining_tokens(400, 50, 20), Some(380));
@@ -1541,7 +1794,7 @@ mod tests {
         );
         assert_eq!(b.status(&key("k"), None).len(), 4);
         let p = principal("k", money(1000, Period::Daily), Limits::default());
-        let e = b.reserve(&p, "r", 101, 0, NOW).await.unwrap_err();
+        let e = b.reserve(&p, 101, 0, NOW).await.unwrap_err();
         assert!(matches!(e, BudgetError::Exceeded(ref x) if x.spent == 900));
         let limits = money(1000, Period::Daily);
         let cur = b.current(&key("k"), &limits, NOW).unwrap();
@@ -1554,7 +1807,7 @@ mod tests {
         );
 
         // A hold keeps yesterday's window past the grace hour; total and garbage stay.
-        let h = b.reserve(&p, "r", 100, 0, NOW).await.unwrap();
+        let h = b.reserve(&p, 100, 0, NOW).await.unwrap();
         let tomorrow = NOW + 12 * 3_600_000 + 1;
         b.prune(tomorrow);
         let keys = |b: &Budgets| -> Vec<String> {
@@ -1585,7 +1838,7 @@ mod tests {
         assert_send_sync::<ReservationHandle>();
         let (b, _) = budgets();
         let p = principal("k", Limits::default(), Limits::default());
-        let f = b.reserve(&p, "r", 0, 0, NOW);
+        let f = b.reserve(&p, 0, 0, NOW);
         assert_send(&f);
         assert!(format!("{b:?}").contains("Budgets"));
     }
@@ -1605,27 +1858,30 @@ mod tests {
         }
     }
 
+    /// Applied when called (queued in call order, as the ledger does), answered after
+    /// the delay.
     impl Journal for Jitter {
-        fn open_reservation(&self, r: Reservation) -> BoxFuture<'static, Result<(), String>> {
-            let (d, j) = (self.delay(), self.inner.clone());
-            Box::pin(async move {
-                tokio::time::sleep(d).await;
-                j.apply(&[Op::OpenReservation(r)])
-            })
-        }
-        fn close_reservation(
+        fn hold(
             &self,
-            id: u64,
-            actual: Vec<Charge>,
+            key: &str,
+            micros: u64,
+            tokens: u64,
+            version: u64,
         ) -> BoxFuture<'static, Result<(), String>> {
-            let (d, j) = (self.delay(), self.inner.clone());
+            let d = self.delay();
+            let done = self.inner.hold(key, micros, tokens, version);
             Box::pin(async move {
                 tokio::time::sleep(d).await;
-                j.apply(&[Op::CloseReservation { id, actual }])
+                done.await
             })
         }
-        fn next_reservation_id(&self) -> u64 {
-            self.inner.next_reservation_id()
+        fn record(&self, ops: Vec<Op>) -> BoxFuture<'static, Result<(), String>> {
+            let d = self.delay();
+            let done = self.inner.record(ops);
+            Box::pin(async move {
+                tokio::time::sleep(d).await;
+                done.await
+            })
         }
     }
 
@@ -1654,7 +1910,7 @@ mod tests {
                         }
                         _ => {}
                     }
-                    let r = b.reserve(&p, &format!("req-{i}"), 1000, 10, NOW).await;
+                    let r = b.reserve(&p, 1000, 10, NOW).await;
                     tokio::task::yield_now().await;
                     r.ok()
                 })
@@ -1698,7 +1954,11 @@ mod tests {
             let admitted = race(&b, seed, 1000, 1, limits.clone(), Limits::default()).await;
             assert_eq!(admitted.len(), 100, "seed {seed}");
             assert_window(&b, &key("k0"), 0, 100_000);
-            assert_eq!(mem.open_reservations().len(), 100);
+            // The durable hold covers everything admitted, and never passes the limit.
+            let holds = mem.holds();
+            assert_eq!(holds.len(), 1);
+            assert_eq!(holds[0].1 .0, 100_000, "capped at the limit");
+            assert!(holds[0].1 .1 >= 1000, "tokens have no quota: not capped");
 
             // Settle concurrently at half the worst case; submit the ops like the caller.
             let settles: Vec<_> = admitted
@@ -1716,7 +1976,10 @@ mod tests {
                 s.await.unwrap();
             }
             assert_window(&b, &key("k0"), 50_000, 0);
-            assert!(mem.open_reservations().is_empty());
+            assert!(mem
+                .holds()
+                .iter()
+                .all(|(_, (m, _))| *m <= 2 * 1000 * HOLD_AHEAD));
             assert_eq!(
                 mem.balances(),
                 vec![(
@@ -1781,7 +2044,15 @@ mod tests {
                     (bal.spent_micros, bal.spent_tokens)
                 );
             }
-            assert!(mem.open_reservations().is_empty());
+            // A crash now would charge at most what the holds leave, within each limit.
+            for (k, bal) in mem.after_crash() {
+                let limit = if k.starts_with("team:") {
+                    100_000
+                } else {
+                    15_000
+                };
+                assert!(bal.spent_micros <= limit, "{k}: {bal:?}");
+            }
         }
     }
 }

@@ -5,7 +5,8 @@
 //! - Admission is all or nothing: a request refused by one check holds nothing (its
 //!   limit guard and reservation are released by drop).
 //! - The worst-case cost (prompt estimate x the dearest candidate's input price + the
-//!   output cap x its output price) is reserved durably before the first upstream byte.
+//!   output cap x its output price) is reserved before the first upstream byte, covered
+//!   by its budget windows' durable holds (see `budget`).
 //! - Settlement (actual cost, usage counters, the audit record) is one ledger batch,
 //!   durable before the response (or the final `[DONE]`) reaches the client; if the
 //!   client goes away, settlement still happens (detached).
@@ -19,9 +20,7 @@ use super::limits::{LimitExceeded, LimitGuard, Limiter};
 use super::model::{Principal, Scope, MICROS_PER_USD};
 use crate::api::types::Usage;
 use crate::error::ApiError;
-use crate::ledger::{
-    AuditEvent, Charge, Ledger, Op, RequestAudit, Reservation, UsageCounters, UsageKey,
-};
+use crate::ledger::{AuditEvent, Ledger, Op, RequestAudit, UsageCounters, UsageKey};
 use crate::routing::catalog::ModelInfo;
 use crate::routing::{ModelRoute, RequestFacts, Target};
 
@@ -38,27 +37,30 @@ pub fn cost_micros(info: Option<&ModelInfo>, prompt: u64, completion: u64) -> u6
     }
 }
 
-/// The budget journal over the real ledger: reservations are durable when admitted.
+/// The budget journal over the real ledger (whose `submit` queues when called).
 #[derive(Debug, Clone)]
 pub struct LedgerJournal(pub Ledger);
 
 impl Journal for LedgerJournal {
-    fn open_reservation(&self, r: Reservation) -> BoxFuture<'static, Result<(), String>> {
-        let done = self.0.submit(vec![Op::OpenReservation(r)]);
-        Box::pin(async move { done.await.map(drop).map_err(|e| e.to_string()) })
-    }
-
-    fn close_reservation(
+    fn hold(
         &self,
-        id: u64,
-        actual: Vec<Charge>,
+        budget_key: &str,
+        micros: u64,
+        tokens: u64,
+        version: u64,
     ) -> BoxFuture<'static, Result<(), String>> {
-        let done = self.0.submit(vec![Op::CloseReservation { id, actual }]);
+        let done = self.0.submit(vec![Op::Hold {
+            budget_key: budget_key.to_owned(),
+            micros,
+            tokens,
+            version,
+        }]);
         Box::pin(async move { done.await.map(drop).map_err(|e| e.to_string()) })
     }
 
-    fn next_reservation_id(&self) -> u64 {
-        self.0.next_reservation_id()
+    fn record(&self, ops: Vec<Op>) -> BoxFuture<'static, Result<(), String>> {
+        let done = self.0.submit(ops);
+        Box::pin(async move { done.await.map(drop).map_err(|e| e.to_string()) })
     }
 }
 
@@ -166,16 +168,21 @@ impl Governance {
             },
         )
         .map_err(|e| format!("cannot open the ledger: {e}"))?;
-        if !recovered.reservations.is_empty() {
+        if !recovered.reservations.is_empty() || !recovered.holds.is_empty() {
             tracing::warn!(
-                count = recovered.reservations.len(),
-                "charged reservations left open by an earlier crash in full"
+                reservations = recovered.reservations.len(),
+                holds = recovered.holds.len(),
+                "charged budget reservations and holds left by an earlier crash in full"
             );
         }
         let balances = ledger
             .balances_with_prefix("")
             .map_err(|e| format!("cannot read budget balances: {e}"))?;
-        let budgets = Budgets::load(std::sync::Arc::new(LedgerJournal(ledger.clone())), balances);
+        let budgets = Budgets::load_with(
+            std::sync::Arc::new(LedgerJournal(ledger.clone())),
+            balances,
+            cfg.budget_hold_ahead,
+        );
         Ok(Governance {
             limiter: Limiter::new(),
             budgets,
@@ -245,7 +252,7 @@ impl Governance {
             .fold((0, 0), |(m, k), (a, b)| (m.max(a), k.max(b)));
         let reservation = self
             .budgets
-            .reserve(principal, request_id, worst_micros, worst_tokens, now_ms())
+            .reserve(principal, worst_micros, worst_tokens, now_ms())
             .await
             .map_err(|e| match e {
                 BudgetError::Exceeded(b) => budget_error(b),

@@ -302,6 +302,7 @@ impl ExportFilter {
             AuditEvent::ReservationRecovered { reservation } => {
                 (Some(&reservation.key_id), None, None)
             }
+            AuditEvent::HoldRecovered { .. } => (None, None, None),
         };
         let want = |filter: &Option<String>, have: Option<&String>| match filter {
             None => true,

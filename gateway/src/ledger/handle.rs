@@ -17,11 +17,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use sled::IVec;
+
 use super::keys::{self, NEXT_RESERVATION, TREE};
 use super::writer::{read_reservations, Msg, Reply, Shared, Writer};
 use super::{
-    usage, AuditEvent, AuditRecord, BudgetBalance, LedgerError, Op, Reservation, UsageCounters,
-    UsageKey,
+    usage, AuditEvent, AuditRecord, BudgetBalance, Charge, LedgerError, Op, Reservation,
+    StoredHold, UsageCounters, UsageKey,
 };
 use crate::store::{Store, StoreError};
 
@@ -60,8 +62,31 @@ pub struct Recovered {
     /// Reservations a crash left open, now charged in full (each with a
     /// `ReservationRecovered` audit record).
     pub reservations: Vec<Reservation>,
+    /// Budget window holds a crash left, now charged in full (each with a
+    /// `HoldRecovered` audit record).
+    pub holds: Vec<Charge>,
     /// The last audit seq after recovery (0 for an empty log).
     pub last_seq: u64,
+}
+
+/// Every budget window hold stored in `tree`, by key order: the keys, and the non-zero
+/// holds as charges.
+fn read_holds(tree: &sled::Tree) -> Result<(Vec<IVec>, Vec<Charge>), LedgerError> {
+    let (mut keys_found, mut out) = (Vec::new(), Vec::new());
+    for item in tree.scan_prefix(keys::HOLD) {
+        let (k, v) = item?;
+        let hold: StoredHold = keys::decode(&k, &v)?;
+        if hold.micros > 0 || hold.tokens > 0 {
+            let budget_key = String::from_utf8_lossy(&k[keys::HOLD.len()..]).into_owned();
+            out.push(Charge {
+                budget_key,
+                micros: hold.micros,
+                tokens: hold.tokens,
+            });
+        }
+        keys_found.push(k);
+    }
+    Ok((keys_found, out))
 }
 
 /// The ledger handle; cheap to clone.
@@ -124,8 +149,9 @@ impl Ledger {
         )?;
 
         let reservations = read_reservations(&tree)?;
-        if !reservations.is_empty() {
-            let ops = reservations
+        let (hold_keys, holds) = read_holds(&tree)?;
+        if !reservations.is_empty() || !holds.is_empty() {
+            let mut ops: Vec<Op> = reservations
                 .iter()
                 .flat_map(|r| {
                     [
@@ -139,12 +165,19 @@ impl Ledger {
                     ]
                 })
                 .collect();
-            for outcome in writer.commit(vec![ops])? {
+            for h in &holds {
+                ops.push(Op::Charge(vec![h.clone()]));
+                ops.push(Op::Audit(AuditEvent::HoldRecovered { hold: h.clone() }));
+            }
+            // The holds go in the same durable batch as their charges: a crash during
+            // recovery leaves both or neither.
+            for outcome in writer.commit_with(vec![ops], &hold_keys)? {
                 outcome?;
             }
             tracing::warn!(
-                count = reservations.len(),
-                "charged reservations left open by an unclean stop in full"
+                reservations = reservations.len(),
+                holds = holds.len(),
+                "charged budget reservations and holds left by an unclean stop in full"
             );
         }
         writer.retain();
@@ -176,6 +209,7 @@ impl Ledger {
             ledger,
             Recovered {
                 reservations,
+                holds,
                 last_seq,
             },
         ))

@@ -14,6 +14,7 @@ pub(crate) const TREE: &str = "ledger";
 
 pub(crate) const BALANCE: &[u8] = b"b/";
 pub(crate) const RESERVATION: &[u8] = b"r/";
+pub(crate) const HOLD: &[u8] = b"h/";
 pub(crate) const AUDIT: &[u8] = b"a/";
 pub(crate) const USAGE: &[u8] = b"u/";
 
@@ -32,6 +33,10 @@ fn prefixed(prefix: &[u8], tail: &[u8]) -> Vec<u8> {
 
 pub(crate) fn balance(budget_key: &str) -> Vec<u8> {
     prefixed(BALANCE, budget_key.as_bytes())
+}
+
+pub(crate) fn hold(budget_key: &str) -> Vec<u8> {
+    prefixed(HOLD, budget_key.as_bytes())
 }
 
 pub(crate) fn reservation(id: u64) -> Vec<u8> {

@@ -9,6 +9,7 @@
 //! | key | value |
 //! |---|---|
 //! | `b/<budget_key>` | [`BudgetBalance`] JSON |
+//! | `h/<budget_key>` | the window's durable hold: [`StoredHold`] JSON |
 //! | `r/<group, u64 big-endian>` | JSON array of the [`Reservation`]s opened in one round and still open (an older store: one [`Reservation`] object under `r/<id>`) |
 //! | `a/<seq, u64 big-endian>` | [`AuditRecord`] JSON (its canonical form, hash filled in) |
 //! | `u/<day YYYY-MM-DD>/<JSON of the other UsageKey fields>` | [`UsageCounters`] JSON |
@@ -51,6 +52,13 @@
 //!   noted with one `ReservationRecovered` audit record each, all in one durable batch.
 //!   Closing an id that is not open (most often: recovery already charged it in full)
 //!   changes no balance, so nothing is charged twice; it is logged at warn and succeeds.
+//! - A budget window's hold (`Op::Hold`, set by the governance budgets ahead of what
+//!   requests in flight have reserved; see `governance::budget`) is a single value,
+//!   replaced by each `Hold` op of a higher version than the stored one (a zero hold
+//!   stays stored, to keep its version). At [`Ledger::open`], every hold is removed;
+//!   holds
+//!   a crash left are charged in full to their windows' balances, removed and noted with
+//!   one `HoldRecovered` audit record each, in the same batch as the reservations'.
 //! - Reservation ids come from our own counter: `m/next_reservation` is a durable
 //!   high-water mark reserved 1024 ids at a time, and a restart starts at the mark, so
 //!   ids are unique across restarts (unused ids of the last block are skipped).
@@ -123,6 +131,27 @@ pub struct Charge {
     pub tokens: u64,
 }
 
+/// A budget window's durable hold as stored (`h/<budget_key>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredHold {
+    pub micros: u64,
+    pub tokens: u64,
+    pub version: u64,
+}
+
+impl StoredHold {
+    /// Applies an `Op::Hold`: takes its amounts only if its version is newer.
+    pub fn apply(&mut self, micros: u64, tokens: u64, version: u64) {
+        if version > self.version {
+            *self = StoredHold {
+                micros,
+                tokens,
+                version,
+            };
+        }
+    }
+}
+
 /// Spent so far in one budget window.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetBalance {
@@ -158,6 +187,8 @@ pub enum AuditEvent {
     },
     /// A reservation found open at start (a crash) and charged in full.
     ReservationRecovered { reservation: Reservation },
+    /// A budget window's hold found at start (a crash) and charged in full.
+    HoldRecovered { hold: Charge },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -239,6 +270,15 @@ pub enum Op {
     },
     /// Adds to balances without a reservation.
     Charge(Vec<Charge>),
+    /// Sets the durable hold of window `budget_key` to `micros` / `tokens`, unless the
+    /// stored hold has a higher `version` (holds can be submitted out of order). A hold
+    /// adds nothing to balances unless a crash leaves it.
+    Hold {
+        budget_key: String,
+        micros: u64,
+        tokens: u64,
+        version: u64,
+    },
     Audit(AuditEvent),
     Usage {
         key: UsageKey,

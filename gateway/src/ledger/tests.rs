@@ -997,3 +997,94 @@ fn a_reservation_stored_alone_by_an_older_version_is_recovered() {
         900
     );
 }
+
+fn hold(key: &str, micros: u64, tokens: u64, version: u64) -> Op {
+    Op::Hold {
+        budget_key: key.into(),
+        micros,
+        tokens,
+        version,
+    }
+}
+
+#[test]
+fn a_hold_keeps_its_highest_version_and_adds_nothing_to_the_balance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, ledger, _) = open(dir.path());
+    let k = "team:t_1|daily|2026-11-03";
+    ledger.submit_blocking(vec![hold(k, 900, 90, 2)]).unwrap();
+    // An older version submitted late (a settlement's lowering) changes nothing...
+    ledger.submit_blocking(vec![hold(k, 100, 10, 1)]).unwrap();
+    // ...a newer one replaces it, also in the same batch as a charge.
+    ledger
+        .submit_blocking(vec![
+            Op::Charge(vec![charge(k, 50, 5)]),
+            hold(k, 300, 30, 3),
+            hold(k, 999, 99, 2),
+        ])
+        .unwrap();
+    let tree = store.tree("ledger").unwrap();
+    let stored: StoredHold =
+        serde_json::from_slice(&tree.get(keys::hold(k)).unwrap().unwrap()).unwrap();
+    assert_eq!(
+        stored,
+        StoredHold {
+            micros: 300,
+            tokens: 30,
+            version: 3
+        }
+    );
+    assert_eq!(
+        ledger.balance(k).unwrap(),
+        BudgetBalance {
+            spent_micros: 50,
+            spent_tokens: 5
+        }
+    );
+}
+
+#[test]
+fn holds_found_at_start_are_charged_in_full_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, k2) = ("team:t_1|monthly|2026-11", "key:ak_1|total|total");
+    {
+        let (_store, ledger, _) = open(dir.path());
+        ledger
+            .submit_blocking(vec![
+                Op::Charge(vec![charge(k1, 10, 1)]),
+                hold(k1, 5_000, 500, 4),
+                hold(k2, 0, 0, 7),
+            ])
+            .unwrap();
+        // Dropped with the holds in place: what a crash leaves.
+    }
+    let (store, ledger, recovered) = open(dir.path());
+    assert_eq!(recovered.holds, vec![charge(k1, 5_000, 500)]);
+    assert_eq!(
+        ledger.balance(k1).unwrap(),
+        BudgetBalance {
+            spent_micros: 5_010,
+            spent_tokens: 501
+        }
+    );
+    assert_eq!(ledger.balance(k2).unwrap(), BudgetBalance::default());
+    let tree = store.tree("ledger").unwrap();
+    assert_eq!(
+        tree.scan_prefix(keys::HOLD).count(),
+        0,
+        "every hold removed"
+    );
+    let recs = records(&ledger);
+    assert_eq!(
+        recs.last().unwrap().event,
+        AuditEvent::HoldRecovered {
+            hold: charge(k1, 5_000, 500)
+        }
+    );
+    assert!(verify(&tree).is_ok());
+    drop((tree, ledger, store));
+    // Charged once: a second start finds nothing.
+    let (_store, ledger, recovered) = open(dir.path());
+    assert!(recovered.holds.is_empty());
+    assert_eq!(ledger.balance(k1).unwrap().spent_micros, 5_010);
+}

@@ -43,7 +43,9 @@ use std::time::{Duration, Instant};
 use sled::IVec;
 
 use super::keys::{self, LAST_HASH, LAST_SEQ, NEXT_RESERVATION};
-use super::{audit, usage, BudgetBalance, Charge, LedgerError, Op, Reservation, UsageCounters};
+use super::{
+    audit, usage, BudgetBalance, Charge, LedgerError, Op, Reservation, StoredHold, UsageCounters,
+};
 
 /// Where an answer goes: an async waiter or a blocked thread.
 pub(crate) enum Reply<T> {
@@ -349,7 +351,20 @@ impl Writer {
         &mut self,
         batches: Vec<Vec<Op>>,
     ) -> Result<Vec<Result<Vec<u64>, LedgerError>>, LedgerError> {
+        self.commit_with(batches, &[])
+    }
+
+    /// [`Writer::commit`], also removing the keys `remove` in the same batch (recovery).
+    pub(crate) fn commit_with(
+        &mut self,
+        batches: Vec<Vec<Op>>,
+        remove: &[IVec],
+    ) -> Result<Vec<Result<Vec<u64>, LedgerError>>, LedgerError> {
         let mut round = Round::new(&self.tree, &self.open, self.head.clone(), now_ms());
+        for k in remove {
+            round.originals.push((k.to_vec(), self.tree.get(k)?));
+            round.removed.push(k.to_vec());
+        }
         let mut outcomes = Vec::with_capacity(batches.len());
         for ops in batches {
             match round.load(&ops) {
@@ -435,9 +450,13 @@ struct Round<'t> {
     /// Ids closed in this round, by the (earlier) group that held them.
     closed: HashMap<u64, Vec<u64>>,
     usage: HashMap<Vec<u8>, UsageCounters>,
+    /// Budget window holds as the round leaves them (stored or set in it).
+    holds: HashMap<String, StoredHold>,
     audit: Vec<(u64, Vec<u8>)>,
     /// Every key loaded, with its value before the round (for the undo batch).
     originals: Vec<(Vec<u8>, Option<IVec>)>,
+    /// Keys the round removes.
+    removed: Vec<Vec<u8>>,
 }
 
 impl<'t> Round<'t> {
@@ -452,8 +471,10 @@ impl<'t> Round<'t> {
             opened: Vec::new(),
             closed: HashMap::new(),
             usage: HashMap::new(),
+            holds: HashMap::new(),
             audit: Vec::new(),
             originals: Vec::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -464,6 +485,18 @@ impl<'t> Round<'t> {
                 Op::OpenReservation(_) => {}
                 Op::CloseReservation { actual, .. } => self.load_balances(actual)?,
                 Op::Charge(charges) => self.load_balances(charges)?,
+                Op::Hold { budget_key, .. } => {
+                    if !self.holds.contains_key(budget_key) {
+                        let k = keys::hold(budget_key);
+                        let old = self.tree.get(&k)?;
+                        let stored = match &old {
+                            Some(v) => keys::decode(&k, v)?,
+                            None => StoredHold::default(),
+                        };
+                        self.originals.push((k, old));
+                        self.holds.insert(budget_key.clone(), stored);
+                    }
+                }
                 Op::Audit(_) => {}
                 Op::Usage { key, .. } => {
                     let k = usage::key(key)?;
@@ -530,6 +563,17 @@ impl<'t> Round<'t> {
                     }
                 }
                 Op::Charge(charges) => self.charge(&charges),
+                Op::Hold {
+                    budget_key,
+                    micros,
+                    tokens,
+                    version,
+                } => {
+                    // Loaded by `load`.
+                    if let Some(h) = self.holds.get_mut(&budget_key) {
+                        h.apply(micros, tokens, version);
+                    }
+                }
                 Op::Audit(event) => {
                     let seq = self.head.last_seq + 1;
                     let ts = self.now.max(self.head.last_ts);
@@ -630,6 +674,12 @@ impl<'t> Round<'t> {
         }
         for (k, c) in &self.usage {
             batch.insert(k.as_slice(), keys::encode(c)?);
+        }
+        for (k, h) in &self.holds {
+            batch.insert(keys::hold(k), keys::encode(h)?);
+        }
+        for k in &self.removed {
+            batch.remove(k.as_slice());
         }
         for (k, old) in self.originals {
             match old {
