@@ -20,7 +20,9 @@
 #
 # --profile samples the gateway processes with `perf record -e cpu-clock` (software
 # clock: works where hardware counters are not exposed) during the closed-loop phases
-# only, and writes the flat profile by symbol to target/bench/gateway-profile-*.txt.
+# only, and writes the flat profile by symbol to target/bench/gateway-profile-*.txt
+# (BENCH_PERF_GRAPH=1: with DWARF call graphs, callers of the top symbols in
+# target/bench/gateway-callgraph-*.txt and inclusive shares in gateway-inclusive-*.txt).
 #
 # Environment: BENCH_ONLY="fixed-json closed-json" runs only those phases;
 # BENCH_DURATION=SECONDS overrides the measured time per run; BENCH_AIRLOCK_B=PATH
@@ -270,7 +272,8 @@ PERF_PIDS=()
 if [ "$PROFILE" = 1 ]; then
   command -v perf >/dev/null || "${SUDO[@]}" apt-get install -y -qq linux-perf >&2
   for pid in "$BARE_PID" ${FULL_PID:-}; do
-    perf record -q -e cpu-clock -F 999 -p "$pid" -o "$TMP/perf-$pid.data" 2>/dev/null &
+    perf record -q -e cpu-clock -F 999 ${BENCH_PERF_GRAPH:+--call-graph dwarf,16384} \
+      -p "$pid" -o "$TMP/perf-$pid.data" 2>/dev/null &
     PERF_PIDS+=("$!")
   done
 fi
@@ -283,6 +286,14 @@ if [ "$PROFILE" = 1 ]; then
     { perf report -i "$TMP/perf-$pid.data" --stdio --sort dso 2>/dev/null
       perf report -i "$TMP/perf-$pid.data" --stdio --sort dso,symbol --percent-limit 0.3 2>/dev/null
     } | grep -E '^ +[0-9]' | sed -E 's/ +$//; s/ {2,}/  /g' >"target/bench/gateway-profile-$name.txt" || true
+    if [ -n "${BENCH_PERF_GRAPH:-}" ]; then
+      perf report -i "$TMP/perf-$pid.data" --stdio --no-children --sort symbol \
+        --percent-limit 1 -g caller,0.5,callee,function,percent 2>/dev/null \
+        >"target/bench/gateway-callgraph-$name.txt" || true
+      perf report -i "$TMP/perf-$pid.data" --stdio --children --sort symbol -g none \
+        --percent-limit 1.5 2>/dev/null | grep -E '^ +[0-9]' | cut -c1-240 \
+        >"target/bench/gateway-inclusive-$name.txt" || true
+    fi
     log "profile ($name): target/bench/gateway-profile-$name.txt"
   done
 fi
