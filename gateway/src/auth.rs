@@ -86,6 +86,8 @@ pub async fn authenticate(
             }
         }
     };
+    // Shared, not copied: the handler, the admission and the audit layer all read it.
+    let principal = std::sync::Arc::new(principal);
     let mut req = req;
     req.extensions_mut().insert(principal.clone());
     let mut resp = next.run(req).await;

@@ -198,7 +198,7 @@ async fn audit(
     {
         return;
     }
-    let p = resp.extensions().get::<Principal>();
+    let p = resp.extensions().get::<std::sync::Arc<Principal>>();
     let info = resp.extensions().get::<RequestInfo>();
     let audit = RequestAudit {
         request_id: request_id.to_string(),

@@ -99,9 +99,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AdminError> {
         parts
             .extensions
-            .get::<Principal>()
-            .cloned()
-            .map(Actor)
+            .get::<std::sync::Arc<Principal>>()
+            .map(|p| Actor(Principal::clone(p)))
             .ok_or_else(AdminError::unauthorized)
     }
 }

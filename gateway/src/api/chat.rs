@@ -25,7 +25,7 @@ pub const ROUTE: &str = "/v1/chat/completions";
 
 pub async fn chat_completions(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    Extension(principal): Extension<std::sync::Arc<Principal>>,
     RequestId(request_id): RequestId,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Response {

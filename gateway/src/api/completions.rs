@@ -31,7 +31,7 @@ pub const ROUTE: &str = "/v1/completions";
 
 pub async fn completions(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    Extension(principal): Extension<std::sync::Arc<Principal>>,
     RequestId(request_id): RequestId,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Response {

@@ -20,7 +20,7 @@ use crate::state::AppState;
 
 pub async fn embeddings(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    Extension(principal): Extension<std::sync::Arc<Principal>>,
     RequestId(request_id): RequestId,
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Response {

@@ -125,14 +125,14 @@ fn catalogue(state: &AppState, principal: &Principal) -> Vec<ModelObject> {
 
 pub async fn list(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    Extension(principal): Extension<std::sync::Arc<Principal>>,
 ) -> Json<Value> {
     Json(json!({"object": "list", "data": catalogue(&state, &principal)}))
 }
 
 pub async fn retrieve(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    Extension(principal): Extension<std::sync::Arc<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
     catalogue(&state, &principal)

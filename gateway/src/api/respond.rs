@@ -44,7 +44,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
 /// admission once policy admitted it.
 pub struct Call {
     pub state: crate::state::AppState,
-    pub principal: crate::governance::model::Principal,
+    pub principal: std::sync::Arc<crate::governance::model::Principal>,
     pub request_id: String,
     pub start: Instant,
     /// The resolved model name (a bounded label), once known.
@@ -55,7 +55,7 @@ pub struct Call {
 impl Call {
     pub fn new(
         state: crate::state::AppState,
-        principal: crate::governance::model::Principal,
+        principal: std::sync::Arc<crate::governance::model::Principal>,
         request_id: String,
     ) -> Self {
         Call {

@@ -11,6 +11,7 @@
 //!   durable before the response (or the final `[DONE]`) reaches the client; if the
 //!   client goes away, settlement still happens (detached).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
@@ -129,7 +130,7 @@ fn scope_id(s: &Scope) -> &str {
 #[derive(Debug)]
 pub struct Admission {
     gov: Governance,
-    principal: Principal,
+    principal: Arc<Principal>,
     request_id: String,
     route: &'static str,
     model: String,
@@ -211,7 +212,7 @@ impl Governance {
     /// the worst-case reservation. `targets` are the candidates, for pricing.
     pub async fn admit(
         &self,
-        principal: &Principal,
+        principal: &Arc<Principal>,
         request_id: &str,
         route_label: &'static str,
         route: &ModelRoute,
