@@ -1,6 +1,8 @@
 //! The f32 vector loops of a forward pass outside the matmuls (attention scores and
 //! weighted sums, half-precision rounding, SiLU-gated products), compiled twice: as
-//! portable code, and the same code with AVX2+FMA+F16C enabled, chosen at run time.
+//! portable code, and the same code with AVX2+FMA+F16C enabled, chosen at run time;
+//! the one-token attention loops ([`Order::VecDot`]) also have AVX-512 forms (one
+//! 16-lane chain a register), which perform the very same f32 operations.
 //!
 //! Owns the numerics of those loops. Invariants: both builds compute the same
 //! formulas; they may differ only in f32 summation order and in fused multiply-adds
@@ -16,6 +18,8 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2::Avx2;
+#[cfg(target_arch = "x86_64")]
+use super::avx512::Avx512;
 
 /// `out[t] = dot(q, keys[t * stride + offset ..][..q.len()]) * scale` for every `t`.
 pub fn attention_scores(
@@ -33,6 +37,13 @@ pub fn attention_scores(
         "attention_scores: {n} keys of stride {stride} do not fit in {}",
         keys.len()
     );
+    #[cfg(target_arch = "x86_64")]
+    if order == Order::VecDot {
+        if let Some(t) = Avx512::detect() {
+            // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+            return unsafe { scores_avx512(t, q, keys, stride, offset, scale, out) };
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = Avx2::detect() {
         // SAFETY: the token proves avx2/fma/f16c; the body is safe code.
@@ -60,6 +71,13 @@ pub fn weighted_sum(
         "weighted_sum: {n} values of stride {stride} do not fit in {}",
         values.len()
     );
+    #[cfg(target_arch = "x86_64")]
+    if order == Order::VecDot && out.len().is_multiple_of(16) {
+        if let Some(t) = Avx512::detect() {
+            // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+            return unsafe { weighted_avx512(t, p, values, stride, offset, n_kv, out) };
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = Avx2::detect() {
         // SAFETY: as above.
@@ -474,6 +492,132 @@ fn weighted_sum_avx2(
     }
 }
 
+/// [`scores`] in [`Order::VecDot`] with AVX-512: each of `dot`'s four chains of 16
+/// lanes is one register (the same FMAs in the same order), then `(0+2)+(1+3)`,
+/// [`reduce16`] and the leftover terms in f64, as `dot`; four keys at a time so
+/// their chains overlap. The caller asserted that every key lies inside `keys`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn scores_avx512(
+    _: Avx512,
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let np = d / 64 * 64;
+    let reduce = |v: __m512| -> f32 {
+        // a[i + 8] + a[i], then [i + 4] + [i], then (0 + 2) + (1 + 3).
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let h = _mm256_add_ps(hi, lo);
+        let q4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+        let t2 = _mm_add_ps(q4, _mm_movehl_ps(q4, q4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    };
+    let finish = |t: usize, lanes: __m512| -> f32 {
+        let mut sum = f64::from(reduce(lanes));
+        let k = &keys[t * stride + offset..t * stride + offset + d];
+        for (x, y) in k[np..].iter().zip(&q[np..]) {
+            sum += f64::from(x * y);
+        }
+        sum as f32 * scale
+    };
+    let mut chunks = out.chunks_mut(4);
+    let mut t = 0;
+    for o in &mut chunks {
+        let kn = o.len();
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        for s in (0..np).step_by(64) {
+            for (j, acc) in acc.iter_mut().enumerate().take(kn) {
+                // SAFETY: s + 64 <= d, and key t + j's run of d values lies inside
+                // `keys` (asserted by the caller).
+                unsafe {
+                    let k = keys.as_ptr().add((t + j) * stride + offset + s);
+                    let qp = q.as_ptr().add(s);
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        let kv = _mm512_loadu_ps(k.add(16 * c));
+                        *a = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qp.add(16 * c)), *a);
+                    }
+                }
+            }
+        }
+        for (j, o) in o.iter_mut().enumerate() {
+            let a = &acc[j];
+            let lanes = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            *o = finish(t + j, lanes);
+        }
+        t += kn;
+    }
+}
+
+/// [`weighted`] in [`Order::VecDot`] with AVX-512, for 16 outputs at a time
+/// (`out.len()` a multiple of 16): one register per lane of a chain, the chains one
+/// after the other (position `64 s + 16 j + l` feeds chain `j`, lane `l`), then
+/// `(0+2)+(1+3)`, [`reduce16`] across the lanes and the leftover positions past the
+/// view's last whole step in f64, as `weighted` sums them. The caller asserted that
+/// every value lies inside `values`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn weighted_avx512(
+    _: Avx512,
+    p: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    n_kv: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = out.len();
+    let n = p.len();
+    let vector_part = n.min(n_kv / 64 * 64);
+    // SAFETY (every use): t < n and i + 16 <= d, so the 16 values lie inside `values`.
+    let at = |t: usize, i: usize| unsafe {
+        _mm512_loadu_ps(values.as_ptr().add(t * stride + offset + i))
+    };
+    for i in (0..d).step_by(16) {
+        let mut chains = [[_mm512_setzero_ps(); 16]; 4];
+        for (j, chain) in chains.iter_mut().enumerate() {
+            let mut a = [_mm512_setzero_ps(); 16];
+            for base in (0..vector_part).step_by(64) {
+                let from = base + 16 * j;
+                let len = 16.min(vector_part.saturating_sub(from));
+                for (l, a) in a.iter_mut().enumerate() {
+                    if l < len {
+                        let t = from + l;
+                        *a = _mm512_fmadd_ps(at(t, i), _mm512_set1_ps(p[t]), *a);
+                    }
+                }
+            }
+            *chain = a;
+        }
+        let lanes: [__m512; 16] = std::array::from_fn(|l| {
+            _mm512_add_ps(
+                _mm512_add_ps(chains[0][l], chains[2][l]),
+                _mm512_add_ps(chains[1][l], chains[3][l]),
+            )
+        });
+        let h: [__m512; 8] = std::array::from_fn(|l| _mm512_add_ps(lanes[l + 8], lanes[l]));
+        let q: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(h[l + 4], h[l]));
+        let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+        let mut res = [0f32; 16];
+        // SAFETY: `res` holds 16 f32s.
+        unsafe { _mm512_storeu_ps(res.as_mut_ptr(), r) };
+        for (k, r) in res.iter().enumerate() {
+            let mut sum = f64::from(*r);
+            for (t, &w) in p.iter().enumerate().skip(vector_part) {
+                sum += f64::from(values[t * stride + offset + i + k] * w);
+            }
+            out[i + k] = sum as f32;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn softmax_avx2(_: Avx2, scores: &mut [f32]) {
@@ -592,6 +736,31 @@ mod tests {
         }
         assert_eq!(dot(&a, &b, Order::VecDot), sum as f32);
         assert!((dot(&a, &b, Order::VecDot) - want).abs() <= 1e-5 * want.abs().max(1.0));
+    }
+
+    #[test]
+    fn attention_loops_agree_for_every_head_size() {
+        for d in [16, 48, 64, 72, 128, 256] {
+            let stride = 2 * d;
+            let q = values(d);
+            for n in [1, 3, 5, 8, 70] {
+                let keys = values(stride * n);
+                // Gemm only where `Order::for_pass` picks it (d a multiple of 16).
+                for order in [Order::for_pass(2, d), Order::VecDot] {
+                    let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+                    attention_scores(&q, &keys, stride, d, 0.125, order, &mut a);
+                    scores(&q, &keys, stride, d, 0.125, order, &mut b);
+                    assert_eq!(a, b, "scores {order:?} d {d} n {n}");
+                    let p = values(n);
+                    for n_kv in [n.next_multiple_of(32), n.next_multiple_of(64) + 64] {
+                        let (mut a, mut b, mut acc) = (vec![0.0; d], vec![0.0; d], Vec::new());
+                        weighted_sum(&p, &keys, stride, d, order, n_kv, &mut acc, &mut a);
+                        weighted(&p, &keys, stride, d, order, n_kv, &mut acc, &mut b);
+                        assert_eq!(a, b, "weighted {order:?} d {d} n {n} n_kv {n_kv}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
