@@ -41,7 +41,9 @@ pub fn attention_scores(
     if order == Order::VecDot {
         if let Some(t) = Avx512::detect() {
             // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
-            return unsafe { scores_avx512(t, q, keys, stride, offset, scale, out) };
+            return unsafe {
+                scores_avx512::<false>(t, q, keys.as_ptr().cast(), stride, offset, scale, out)
+            };
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -75,7 +77,9 @@ pub fn weighted_sum(
     if order == Order::VecDot && out.len().is_multiple_of(16) {
         if let Some(t) = Avx512::detect() {
             // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
-            return unsafe { weighted_avx512(t, p, values, stride, offset, n_kv, out) };
+            return unsafe {
+                weighted_avx512::<false>(t, p, values.as_ptr().cast(), stride, offset, n_kv, out)
+            };
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -84,6 +88,129 @@ pub fn weighted_sum(
         return unsafe { weighted_sum_avx2(t, p, values, stride, offset, order, n_kv, acc, out) };
     }
     weighted(p, values, stride, offset, order, n_kv, acc, out)
+}
+
+/// A run of cached keys or values: f32, or the bits of half-precision values (an F16
+/// KV cache: the same values, widened exactly when read, at half the memory traffic).
+#[derive(Clone, Copy, Debug)]
+pub enum KvRun<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl KvRun<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            KvRun::F32(x) => x.len(),
+            KvRun::F16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as f32: borrowed, or widened into `buf`.
+    fn widen<'b>(&'b self, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        match *self {
+            KvRun::F32(x) => x,
+            KvRun::F16(x) => {
+                buf.clear();
+                buf.resize(x.len(), 0.0);
+                widen_f16(x, buf);
+                buf
+            }
+        }
+    }
+}
+
+/// [`attention_scores`] over a [`KvRun`]: half-precision keys are read in place by
+/// the AVX-512 one-token loop, widened into `wide` otherwise. Same results.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_scores_kv(
+    q: &[f32],
+    keys: KvRun<'_>,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    order: Order,
+    wide: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    assert!(
+        n == 0 || (n - 1) * stride + offset + q.len() <= keys.len(),
+        "attention_scores: {n} keys of stride {stride} do not fit in {}",
+        keys.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::VecDot, KvRun::F16(k), Some(t)) = (order, keys, Avx512::detect()) {
+        // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+        return unsafe {
+            scores_avx512::<true>(t, q, k.as_ptr().cast(), stride, offset, scale, out)
+        };
+    }
+    attention_scores(q, keys.widen(wide), stride, offset, scale, order, out)
+}
+
+/// [`weighted_sum`] over a [`KvRun`], as [`attention_scores_kv`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_sum_kv(
+    p: &[f32],
+    values: KvRun<'_>,
+    stride: usize,
+    offset: usize,
+    order: Order,
+    n_kv: usize,
+    wide: &mut Vec<f32>,
+    acc: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let n = p.len();
+    assert!(
+        n == 0 || (n - 1) * stride + offset + out.len() <= values.len(),
+        "weighted_sum: {n} values of stride {stride} do not fit in {}",
+        values.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::VecDot, true, KvRun::F16(v), Some(t)) = (
+        order,
+        out.len().is_multiple_of(16),
+        values,
+        Avx512::detect(),
+    ) {
+        // SAFETY: as above.
+        return unsafe {
+            weighted_avx512::<true>(t, p, v.as_ptr().cast(), stride, offset, n_kv, out)
+        };
+    }
+    weighted_sum(p, values.widen(wide), stride, offset, order, n_kv, acc, out)
+}
+
+/// `out[i]` = the half-precision rounding of `x[i]`, as bits (round to nearest even).
+pub fn narrow_to_f16(x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len(), "narrow_to_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = Avx2::detect() {
+        // SAFETY: as above.
+        return unsafe { narrow_avx2(t, x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f16::from_f32(v).to_bits();
+    }
+}
+
+/// `out[i]` = the half-precision value with bits `x[i]`, widened (exact).
+pub fn widen_f16(x: &[u16], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "widen_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = Avx2::detect() {
+        // SAFETY: as above.
+        return unsafe { widen_avx2(t, x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f16::from_bits(v).to_f32();
+    }
 }
 
 /// Rounds every value to half precision (and back), as storing it in an F16 tensor
@@ -495,13 +622,18 @@ fn weighted_sum_avx2(
 /// [`scores`] in [`Order::VecDot`] with AVX-512: each of `dot`'s four chains of 16
 /// lanes is one register (the same FMAs in the same order), then `(0+2)+(1+3)`,
 /// [`reduce16`] and the leftover terms in f64, as `dot`; four keys at a time so
-/// their chains overlap. The caller asserted that every key lies inside `keys`.
+/// their chains overlap. `keys` points at f16 bits when `HALF` (widened exactly on
+/// load), else at f32s.
+///
+/// # Safety
+/// AVX-512 as the token proves; every key `t < out.len()`, elements
+/// `t * stride + offset .. + q.len()`, lies inside the allocation `keys` points into.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn scores_avx512(
+unsafe fn scores_avx512<const HALF: bool>(
     _: Avx512,
     q: &[f32],
-    keys: &[f32],
+    keys: *const u8,
     stride: usize,
     offset: usize,
     scale: f32,
@@ -521,8 +653,10 @@ fn scores_avx512(
     };
     let finish = |t: usize, lanes: __m512| -> f32 {
         let mut sum = f64::from(reduce(lanes));
-        let k = &keys[t * stride + offset..t * stride + offset + d];
-        for (x, y) in k[np..].iter().zip(&q[np..]) {
+        let base = t * stride + offset;
+        for (i, y) in q.iter().enumerate().skip(np) {
+            // SAFETY: i < d, and key t's run of d values lies inside the keys.
+            let x = unsafe { elem::<HALF>(keys, base + i) };
             sum += f64::from(x * y);
         }
         sum as f32 * scale
@@ -537,10 +671,10 @@ fn scores_avx512(
                 // SAFETY: s + 64 <= d, and key t + j's run of d values lies inside
                 // `keys` (asserted by the caller).
                 unsafe {
-                    let k = keys.as_ptr().add((t + j) * stride + offset + s);
+                    let k = (t + j) * stride + offset + s;
                     let qp = q.as_ptr().add(s);
                     for (c, a) in acc.iter_mut().enumerate() {
-                        let kv = _mm512_loadu_ps(k.add(16 * c));
+                        let kv = load16::<HALF>(keys, k + 16 * c);
                         *a = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qp.add(16 * c)), *a);
                     }
                 }
@@ -559,14 +693,18 @@ fn scores_avx512(
 /// (`out.len()` a multiple of 16): one register per lane of a chain, the chains one
 /// after the other (position `64 s + 16 j + l` feeds chain `j`, lane `l`), then
 /// `(0+2)+(1+3)`, [`reduce16`] across the lanes and the leftover positions past the
-/// view's last whole step in f64, as `weighted` sums them. The caller asserted that
-/// every value lies inside `values`.
+/// view's last whole step in f64, as `weighted` sums them. `values` points at f16
+/// bits when `HALF`, else at f32s.
+///
+/// # Safety
+/// AVX-512 as the token proves; every value `t < p.len()`, elements
+/// `t * stride + offset .. + out.len()`, lies inside the allocation `values` points into.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn weighted_avx512(
+unsafe fn weighted_avx512<const HALF: bool>(
     _: Avx512,
     p: &[f32],
-    values: &[f32],
+    values: *const u8,
     stride: usize,
     offset: usize,
     n_kv: usize,
@@ -576,10 +714,9 @@ fn weighted_avx512(
     let d = out.len();
     let n = p.len();
     let vector_part = n.min(n_kv / 64 * 64);
-    // SAFETY (every use): t < n and i + 16 <= d, so the 16 values lie inside `values`.
-    let at = |t: usize, i: usize| unsafe {
-        _mm512_loadu_ps(values.as_ptr().add(t * stride + offset + i))
-    };
+    // SAFETY (every use): t < n and i + 16 <= d, so the 16 values lie inside the
+    // caller's values.
+    let at = |t: usize, i: usize| unsafe { load16::<HALF>(values, t * stride + offset + i) };
     for i in (0..d).step_by(16) {
         let mut chains = [[_mm512_setzero_ps(); 16]; 4];
         for (j, chain) in chains.iter_mut().enumerate() {
@@ -611,10 +748,78 @@ fn weighted_avx512(
         for (k, r) in res.iter().enumerate() {
             let mut sum = f64::from(*r);
             for (t, &w) in p.iter().enumerate().skip(vector_part) {
-                sum += f64::from(values[t * stride + offset + i + k] * w);
+                // SAFETY: t < n and i + k < d, inside the caller's values.
+                let x = unsafe { elem::<HALF>(values, t * stride + offset + i + k) };
+                sum += f64::from(x * w);
             }
             out[i + k] = sum as f32;
         }
+    }
+}
+
+/// 16 values from element `at` of `p` (f16 bits when `HALF`, else f32), as f32.
+///
+/// # Safety
+/// The 16 elements lie inside the allocation `p` points into; AVX-512 F available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn load16<const HALF: bool>(p: *const u8, at: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if HALF {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * at).cast()))
+    } else {
+        _mm512_loadu_ps(p.add(4 * at).cast())
+    }
+}
+
+/// Element `at` of `p` (f16 bits when `HALF`, else f32), as f32.
+///
+/// # Safety
+/// The element lies inside the allocation `p` points into.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn elem<const HALF: bool>(p: *const u8, at: usize) -> f32 {
+    if HALF {
+        f16::from_bits(std::ptr::read_unaligned(p.add(2 * at).cast::<u16>())).to_f32()
+    } else {
+        std::ptr::read_unaligned(p.add(4 * at).cast::<f32>())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn narrow_avx2(_: Avx2, x: &[f32], out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let mut o = out.chunks_exact_mut(8);
+    let mut c = x.chunks_exact(8);
+    for (x, o) in (&mut c).zip(&mut o) {
+        // SAFETY: 8 f32s in, 8 u16s out; unaligned loads and stores.
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr()));
+            _mm_storeu_si128(o.as_mut_ptr().cast(), h);
+        }
+    }
+    for (o, &v) in o.into_remainder().iter_mut().zip(c.remainder()) {
+        *o = f16::from_f32(v).to_bits();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen_avx2(_: Avx2, x: &[u16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut o = out.chunks_exact_mut(8);
+    let mut c = x.chunks_exact(8);
+    for (x, o) in (&mut c).zip(&mut o) {
+        // SAFETY: 8 u16s in, 8 f32s out; unaligned loads and stores.
+        unsafe {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().cast()));
+            _mm256_storeu_ps(o.as_mut_ptr(), v);
+        }
+    }
+    for (o, &v) in o.into_remainder().iter_mut().zip(c.remainder()) {
+        *o = f16::from_bits(v).to_f32();
     }
 }
 
@@ -758,6 +963,39 @@ mod tests {
                         weighted(&p, &keys, stride, d, order, n_kv, &mut acc, &mut b);
                         assert_eq!(a, b, "weighted {order:?} d {d} n {n} n_kv {n_kv}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_precision_runs_give_the_f32_results() {
+        for d in [48, 64, 256] {
+            let stride = 2 * d;
+            let q = values(d);
+            for n in [1, 5, 70] {
+                let mut keys = values(stride * n);
+                round_to_f16(&mut keys);
+                let mut bits = vec![0u16; keys.len()];
+                narrow_to_f16(&keys, &mut bits);
+                let mut back = vec![0f32; keys.len()];
+                widen_f16(&bits, &mut back);
+                assert_eq!(back, keys);
+                let (mut wide, mut acc) = (Vec::new(), Vec::new());
+                for order in [Order::for_pass(2, d), Order::VecDot] {
+                    let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+                    attention_scores(&q, &keys, stride, d, 0.125, order, &mut a);
+                    let half = KvRun::F16(&bits);
+                    attention_scores_kv(&q, half, stride, d, 0.125, order, &mut wide, &mut b);
+                    assert_eq!(a, b, "scores {order:?} d {d} n {n}");
+                    let p = values(n);
+                    let n_kv = n.next_multiple_of(32);
+                    let (mut a, mut b) = (vec![0.0; d], vec![0.0; d]);
+                    weighted_sum(&p, &keys, stride, d, order, n_kv, &mut acc, &mut a);
+                    weighted_sum_kv(
+                        &p, half, stride, d, order, n_kv, &mut wide, &mut acc, &mut b,
+                    );
+                    assert_eq!(a, b, "weighted {order:?} d {d} n {n}");
                 }
             }
         }
