@@ -150,6 +150,13 @@ pub fn attention_scores_kv(
             scores_avx512::<true>(t, q, k.as_ptr().cast(), stride, offset, scale, out)
         };
     }
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::Gemm, true, KvRun::F16(k), Some(t)) =
+        (order, q.len().is_multiple_of(16), keys, Avx2::detect())
+    {
+        // SAFETY: the token proves avx2/fma/f16c; the lengths are asserted.
+        return unsafe { scores_gemm_half(t, q, k.as_ptr(), stride, offset, scale, out) };
+    }
     attention_scores(q, keys.widen(wide), stride, offset, scale, order, out)
 }
 
@@ -183,6 +190,13 @@ pub fn weighted_sum_kv(
         return unsafe {
             weighted_avx512::<true>(t, p, v.as_ptr().cast(), stride, offset, n_kv, out)
         };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::Gemm, true, KvRun::F16(v), Some(t)) =
+        (order, out.len().is_multiple_of(8), values, Avx2::detect())
+    {
+        // SAFETY: as above.
+        return unsafe { weighted_gemm_half(t, p, v.as_ptr(), stride, offset, out) };
     }
     weighted_sum(p, values.widen(wide), stride, offset, order, n_kv, acc, out)
 }
@@ -754,6 +768,99 @@ unsafe fn weighted_avx512<const HALF: bool>(
             }
             out[i + k] = sum as f32;
         }
+    }
+}
+
+/// `scores_avx2`'s [`Order::Gemm`] loop over half-precision keys (widened exactly on
+/// load): per key, 16 lanes in two registers, one FMA chain each over the 16-term
+/// chunks, then [`reduce16`], as `dot`; up to four keys at a time.
+///
+/// # Safety
+/// avx2/fma/f16c as the token proves; `q.len()` a multiple of 16; every key
+/// `t < out.len()`, elements `t * stride + offset .. + q.len()`, inside the allocation
+/// `keys` points into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_gemm_half(
+    _: Avx2,
+    q: &[f32],
+    keys: *const u16,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let reduce = |lo: __m256, hi: __m256| -> f32 {
+        // a[i + 8] + a[i], then [i + 4] + [i], then (0 + 2) + (1 + 3).
+        let h = _mm256_add_ps(hi, lo);
+        let q4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+        let t2 = _mm_add_ps(q4, _mm_movehl_ps(q4, q4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    };
+    let load8 = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(keys.add(at).cast()));
+    let mut t = 0;
+    for o in out.chunks_mut(4) {
+        let kn = o.len();
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        for c in (0..d).step_by(16) {
+            let q0 = _mm256_loadu_ps(q.as_ptr().add(c));
+            let q1 = _mm256_loadu_ps(q.as_ptr().add(c + 8));
+            for j in 0..kn {
+                let k = (t + j) * stride + offset + c;
+                lo[j] = _mm256_fmadd_ps(load8(k), q0, lo[j]);
+                hi[j] = _mm256_fmadd_ps(load8(k + 8), q1, hi[j]);
+            }
+        }
+        for (j, o) in o.iter_mut().enumerate() {
+            *o = reduce(lo[j], hi[j]) * scale;
+        }
+        t += kn;
+    }
+}
+
+/// `weighted_sum_avx2`'s [`Order::Gemm`] loop over half-precision values (widened
+/// exactly on load): eight outputs at a time, chain `t % 16` takes position `t`, then
+/// [`reduce16`] across the chains, as `weighted`.
+///
+/// # Safety
+/// avx2/fma/f16c as the token proves; `out.len()` a multiple of 8; every value
+/// `t < p.len()`, elements `t * stride + offset .. + out.len()`, inside the allocation
+/// `values` points into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_gemm_half(
+    _: Avx2,
+    p: &[f32],
+    values: *const u16,
+    stride: usize,
+    offset: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (d, n) = (out.len(), p.len());
+    let at = |t: usize, i: usize| {
+        _mm256_cvtph_ps(_mm_loadu_si128(values.add(t * stride + offset + i).cast()))
+    };
+    let reduce16 = |a: &[__m256; 16]| {
+        let h: [__m256; 8] = std::array::from_fn(|l| _mm256_add_ps(a[l + 8], a[l]));
+        let q: [__m256; 4] = std::array::from_fn(|l| _mm256_add_ps(h[l + 4], h[l]));
+        _mm256_add_ps(_mm256_add_ps(q[0], q[2]), _mm256_add_ps(q[1], q[3]))
+    };
+    let whole = n / 16 * 16;
+    for i in (0..d).step_by(8) {
+        let mut a = [_mm256_setzero_ps(); 16];
+        for t0 in (0..whole).step_by(16) {
+            for l in 0..16 {
+                a[l] = _mm256_fmadd_ps(at(t0 + l, i), _mm256_set1_ps(p[t0 + l]), a[l]);
+            }
+        }
+        for (l, (a, &w)) in a.iter_mut().zip(&p[whole..]).enumerate() {
+            *a = _mm256_fmadd_ps(at(whole + l, i), _mm256_set1_ps(w), *a);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), reduce16(&a));
     }
 }
 
