@@ -136,10 +136,18 @@ def llama_bench(args, plan):
             tokens = sum(o[2] for o in out)
             wall = max(o[1] for o in out)
             rate = tokens / wall if wall > 0 else 0.0
+            # Decode only: tokens after each stream's first one, from the first
+            # stream's first token to the last stream's end (as benches/local/src/chat.rs).
+            after_first = sum(max(0, o[2] - 1) for o in out)
+            decode_s = wall - min(o[0] for o in out)
+            decode_rate = after_first / decode_s if decode_s > 0 else 0.0
             log(f"{name}: {n_streams} streams ({n_streams} Llama x {per} threads): "
-                f"{tokens} tokens in {wall:.2f} s = {rate:.1f} tok/s")
+                f"{tokens} tokens in {wall:.2f} s = {rate:.1f} tok/s; decode only "
+                f"{after_first} tokens in {decode_s:.2f} s = {decode_rate:.1f} tok/s")
             streams.append({"n": n_streams, "tokens": tokens, "wall_s": wall,
-                            "tokens_per_s": rate, "threads_per_stream": per,
+                            "tokens_per_s": rate, "decode_tokens": after_first,
+                            "decode_s": decode_s, "decode_tokens_per_s": decode_rate,
+                            "threads_per_stream": per,
                             "first_token_ms": [o[0] * 1e3 for o in out]})
             if n_streams != 1:
                 for m in models:

@@ -66,6 +66,11 @@ def main():
             rows.append((name, f"aggregate tok/s, {s['n']} concurrent stream{'s' if s['n'] > 1 else ''}",
                          fmt(s["tokens_per_s"]), fmt(bn.get("tokens_per_s")), base,
                          ratio(s["tokens_per_s"], bn.get("tokens_per_s"))))
+        for s in m["streams"]:
+            bn = bs.get(s["n"], {})
+            rows.append((name, f"decode-only aggregate tok/s, {s['n']} concurrent stream{'s' if s['n'] > 1 else ''}",
+                         fmt(s.get("decode_tokens_per_s")), fmt(bn.get("decode_tokens_per_s")), base,
+                         ratio(s.get("decode_tokens_per_s"), bn.get("decode_tokens_per_s"))))
     e = airlock.get("embedding") or {}
     if e:
         be = st.get("embedding") or {}

@@ -1,4 +1,5 @@
-//! Chat models through the engine: time to first token, decode rate, aggregate rate.
+//! Chat models through the engine: time to first token, decode rate, aggregate rates
+//! (with the prefills, and decode only).
 //!
 //! Every request is greedy (temperature 0, no penalties) on the same prompt: the fixed
 //! text tokenized by the model's own tokenizer (BOS if the model asks for it) and cut
@@ -94,15 +95,32 @@ pub fn bench(path: &Path, plan: &Plan) -> anyhow::Result<Value> {
         let receivers = (0..n)
             .map(|_| submit(&engine, &prompt, plan.stream_tokens))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        // Events are buffered per request (unbounded), so draining one after the
-        // other loses no time: the wall clock stops at the last request's Done.
+        // One thread a request, so every event is timed when it arrives (draining
+        // the requests one after the other would time the later ones' buffered
+        // first tokens late).
+        let timelines = std::thread::scope(|scope| {
+            let waits: Vec<_> = receivers
+                .into_iter()
+                .map(|rx| scope.spawn(move || finish(rx, start)))
+                .collect();
+            waits
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| bail!("a stream's thread panicked"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })?;
         let mut tokens = 0;
+        let mut after_first = 0;
         let mut first_token_ms = Vec::new();
+        let mut first_first = Duration::MAX;
         let mut last_done = Duration::ZERO;
-        for rx in receivers {
-            let t = finish(rx, start)?;
+        for t in timelines {
             tokens += t.tokens;
+            after_first += t.tokens.saturating_sub(1);
             first_token_ms.push(t.first_token.as_secs_f64() * 1e3);
+            first_first = first_first.min(t.first_token);
             last_done = last_done.max(t.done);
         }
         let wall_s = last_done.as_secs_f64();
@@ -111,12 +129,23 @@ pub fn bench(path: &Path, plan: &Plan) -> anyhow::Result<Value> {
         } else {
             0.0
         };
-        eprintln!("airlock-bench-local: {model_name}: {n} streams: {tokens} tokens in {wall_s:.2} s = {rate:.1} tok/s");
+        // Decode only: the tokens after each stream's first one, over the time from
+        // the first stream's first token to the last stream's end.
+        let decode_s = last_done.saturating_sub(first_first).as_secs_f64();
+        let decode_rate = if decode_s > 0.0 {
+            after_first as f64 / decode_s
+        } else {
+            0.0
+        };
+        eprintln!("airlock-bench-local: {model_name}: {n} streams: {tokens} tokens in {wall_s:.2} s = {rate:.1} tok/s; decode only {after_first} tokens in {decode_s:.2} s = {decode_rate:.1} tok/s");
         streams.push(json!({
             "n": n,
             "tokens": tokens,
             "wall_s": wall_s,
             "tokens_per_s": rate,
+            "decode_tokens": after_first,
+            "decode_s": decode_s,
+            "decode_tokens_per_s": decode_rate,
             "first_token_ms": first_token_ms,
         }));
     }

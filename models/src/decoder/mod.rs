@@ -10,7 +10,7 @@
 //! RMS norm; Q, K, V projections (+ biases for qwen2; per-head RMS norms for qwen3
 //! and gemma3); rotary embeddings (adjacent pairs for llama, halves otherwise); the
 //! new keys and values appended to each sequence's cache (rounded to half precision
-//! unless [`KvCachePrecision::F32`]);
+//! and stored as f16 bits unless [`KvCachePrecision::F32`]);
 //! attention of each row over its own sequence's positions up to its own (within the
 //! window on Gemma's sliding layers); output projection (+ post-norm on gemma3);
 //! residual; the same around a SiLU- (GELU- for gemma3) gated MLP. The numerics of
@@ -45,6 +45,7 @@ pub use config::{Activation, Arch, Config, RopeLayout};
 use crate::error::{catch_panic, ModelError};
 use crate::family::Sequence;
 use crate::gguf::{GgufFile, ModelInfo};
+use crate::kernels::vector::KvRun;
 use crate::kernels::QWeight;
 use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
@@ -121,12 +122,60 @@ pub struct Weights {
 }
 
 /// Keys and values of one layer: per KV head, `head_dim` values per position,
-/// position after position (so a head's attention reads one contiguous run), already
-/// rounded as the cache precision says.
+/// position after position (so a head's attention reads one contiguous run), as the
+/// cache precision says: f32, or (F16) the bits of their half-precision rounding,
+/// which the attention loops widen exactly (half the memory an f32 copy of the same
+/// values would take, and half the traffic of reading it).
+#[derive(Clone)]
+enum KvHead {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+}
+
+impl KvHead {
+    fn new(kv: KvCachePrecision) -> KvHead {
+        match kv {
+            KvCachePrecision::F16 => KvHead::F16(Vec::new()),
+            KvCachePrecision::F32 => KvHead::F32(Vec::new()),
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        match self {
+            KvHead::F32(x) => x.truncate(len),
+            KvHead::F16(x) => x.truncate(len),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Appends `values`, rounded to half precision in an F16 cache.
+    fn extend(&mut self, values: &[f32]) {
+        match self {
+            KvHead::F32(x) => x.extend_from_slice(values),
+            KvHead::F16(x) => {
+                let start = x.len();
+                x.resize(start + values.len(), 0);
+                crate::kernels::vector::narrow_to_f16(values, &mut x[start..]);
+            }
+        }
+    }
+
+    /// Values `range` (indices into the run).
+    fn run(&self, range: std::ops::Range<usize>) -> KvRun<'_> {
+        match self {
+            KvHead::F32(x) => KvRun::F32(&x[range]),
+            KvHead::F16(x) => KvRun::F16(&x[range]),
+        }
+    }
+}
+
 #[derive(Clone, Default)]
 struct LayerCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<KvHead>,
+    v: Vec<KvHead>,
 }
 
 /// A decoder-only GGUF model: shared weights and this handle's KV cache.
@@ -214,8 +263,8 @@ impl LanguageModel for DecoderModel {
 
     fn reset(&mut self) {
         for layer in &mut self.cache {
-            layer.k.iter_mut().for_each(Vec::clear);
-            layer.v.iter_mut().for_each(Vec::clear);
+            layer.k.iter_mut().for_each(KvHead::clear);
+            layer.v.iter_mut().for_each(KvHead::clear);
         }
         self.sequence.reset();
     }
@@ -494,18 +543,16 @@ impl Weights {
             for seq in seqs.iter_mut() {
                 let lc = &mut seq.cache[li];
                 let n = seq.tokens.len();
-                lc.k.resize_with(c.n_kv_head, Vec::new);
-                lc.v.resize_with(c.n_kv_head, Vec::new);
+                lc.k.resize_with(c.n_kv_head, || KvHead::new(self.kv));
+                lc.v.resize_with(c.n_kv_head, || KvHead::new(self.kv));
                 for (g, (kh, vh)) in lc.k.iter_mut().zip(lc.v.iter_mut()).enumerate() {
                     kh.truncate(seq.pos * hd);
                     vh.truncate(seq.pos * hd);
                     for row in r..r + n {
                         let at = row * kvw + g * hd;
-                        kh.extend_from_slice(&s.k[at..at + hd]);
-                        vh.extend_from_slice(&s.v[at..at + hd]);
+                        kh.extend(&s.k[at..at + hd]);
+                        vh.extend(&s.v[at..at + hd]);
                     }
-                    self.store(&mut kh[seq.pos * hd..]);
-                    self.store(&mut vh[seq.pos * hd..]);
                 }
                 r += n;
             }
@@ -564,13 +611,6 @@ impl Weights {
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
-    /// Values as the KV cache keeps them.
-    fn store(&self, values: &mut [f32]) {
-        if self.kv == KvCachePrecision::F16 {
-            crate::kernels::vector::round_to_f16(values);
-        }
-    }
-
     fn rope_table(&self, positions: &[usize], base: f32, freq_scale: f32) -> RopeTable {
         let hd = self.config.head_dim;
         match &self.rope_freqs {
@@ -609,8 +649,8 @@ impl Weights {
             let n_kv = (seq.pos + seq.tokens.len()).next_multiple_of(32) - lo;
             ops::attend(
                 &q[r * qw + h * hd..r * qw + (h + 1) * hd],
-                &cache.k[g][lo * hd..(p + 1) * hd],
-                &cache.v[g][lo * hd..(p + 1) * hd],
+                cache.k[g].run(lo * hd..(p + 1) * hd),
+                cache.v[g].run(lo * hd..(p + 1) * hd),
                 hd,
                 0,
                 n,

@@ -157,15 +157,15 @@ pub fn softmax(scores: &mut [f32]) {
 /// With `half`, the query and the attention weights are rounded to half precision
 /// (the keys and values were when cached), as llama.cpp's `mul_mat` over an F16 KV
 /// cache does. `q` is the head's query, `keys`/`values` hold `n` rows of `stride`
-/// values whose `offset..offset + head_dim` slice belongs to this head. Dots are
-/// summed in llama.cpp's order for a pass of `tokens` tokens of this sequence whose
-/// KV view holds `n_kv` cells (see [`vector::Order`]). `scores` (at least `n`),
-/// `q16` (`head_dim`) and `acc` are scratch. The output is written to `out`.
+/// values (f32, or f16 bits: the same values) whose `offset..offset + head_dim` slice
+/// belongs to this head. Dots are summed in llama.cpp's order for a pass of `tokens`
+/// tokens of this sequence whose KV view holds `n_kv` cells (see [`vector::Order`]).
+/// `scratch` holds the per-thread buffers. The output is written to `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: vector::KvRun<'_>,
+    values: vector::KvRun<'_>,
     stride: usize,
     offset: usize,
     n: usize,
@@ -176,7 +176,12 @@ pub fn attend(
     scratch: &mut AttendScratch,
     out: &mut [f32],
 ) {
-    let AttendScratch { scores, q16, acc } = scratch;
+    let AttendScratch {
+        scores,
+        q16,
+        acc,
+        wide,
+    } = scratch;
     q16.clear();
     q16.extend_from_slice(q);
     if half {
@@ -185,13 +190,13 @@ pub fn attend(
     scores.resize(n, 0.0);
     let scores = &mut scores[..n];
     let order = vector::Order::for_pass(tokens, q.len());
-    vector::attention_scores(q16, keys, stride, offset, kq_scale, order, scores);
+    vector::attention_scores_kv(q16, keys, stride, offset, kq_scale, order, wide, scores);
     softmax(scores);
     if half {
         vector::round_to_f16(scores);
     }
     let order = vector::Order::for_pass(tokens, n_kv);
-    vector::weighted_sum(scores, values, stride, offset, order, n_kv, acc, out);
+    vector::weighted_sum_kv(scores, values, stride, offset, order, n_kv, wide, acc, out);
 }
 
 /// Scratch buffers of [`attend`], kept per thread across heads.
@@ -200,4 +205,6 @@ pub struct AttendScratch {
     scores: Vec<f32>,
     q16: Vec<f32>,
     acc: Vec<f32>,
+    /// Half-precision keys or values widened to f32, where a loop needs them so.
+    wide: Vec<f32>,
 }

@@ -19,6 +19,10 @@
 //! Q5_K follow llama.cpp's repacked Q4_K GEMV/GEMM (scales multiply the exact i32
 //! sub-block sums with `vpmulld`, mins use `vpdpwssd` with Q8_K's `bsums`, one FMA
 //! chain for each). Every kernel equals the scalar one bit for bit.
+//!
+//! With more than two activation rows, a kernel also prefetches the next packed
+//! group (the next tile of its thread's range) while it computes this one: a hint
+//! that changes no result.
 
 #![allow(unsafe_code)]
 
@@ -131,6 +135,16 @@ unsafe fn f16x16(p: *const u8) -> __m512 {
     _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
 }
 
+/// Prefetches the `bytes` bytes at `p` into L1: a hint, which never faults, so `p`
+/// may lie past the end of the weights.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn prefetch(p: *const u8, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast());
+    }
+}
+
 /// 4 activation quants from byte `4 * z` of `qs`, broadcast to every lane.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
@@ -181,14 +195,17 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
 ) {
     // Two activation rows at a time (each weight register unpacked once for both):
     // 2 x (8 lane chains + Q4_1's chain) stay in registers.
+    // With several passes over the group, the first also prefetches the next packed
+    // group (the next tile of a thread's contiguous range), so its load overlaps this
+    // group's arithmetic (with one pass the hardware prefetcher does as well).
     let mut r = 0;
     while r + 2 <= R {
-        let [a, b] = rows_32::<FMT, 2>(w, [acts[r], acts[r + 1]]);
+        let [a, b] = rows_32::<FMT, 2>(w, [acts[r], acts[r + 1]], R > 2 && r == 0);
         (out[r], out[r + 1]) = (a, b);
         r += 2;
     }
     if r < R {
-        [out[r]] = rows_32::<FMT, 1>(w, [acts[r]]);
+        [out[r]] = rows_32::<FMT, 1>(w, [acts[r]], R > 2 && r == 0);
     }
 }
 
@@ -198,6 +215,7 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
 unsafe fn rows_32<const FMT: u8, const N: usize>(
     w: &[u8],
     acts: [&[Q8Block]; N],
+    fetch_next: bool,
 ) -> [[f32; 16]; N] {
     let pb = match FMT {
         FMT_Q4_0 => 288,
@@ -217,6 +235,9 @@ unsafe fn rows_32<const FMT: u8, const N: usize>(
     let mut summs = [_mm512_setzero_ps(); N];
     for b in 0..nb {
         let wb = wp.add(b * pb);
+        if fetch_next {
+            prefetch(wb.wrapping_add(w.len()), pb);
+        }
         let q = match FMT {
             FMT_Q8_0 => std::array::from_fn(|z| _mm512_loadu_si512(wb.add(32 + 64 * z).cast())),
             FMT_Q4_0 => nibbles(wb.add(32)),
@@ -272,6 +293,11 @@ unsafe fn kernel_q45k<const FIVE: bool, const PROMPT: bool, const R: usize>(
     let mut acc_m = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let wb = wp.add(b * pb);
+        // The same block of the next packed group, loading while this one computes
+        // (worth its instructions only with several activation rows).
+        if R > 2 {
+            prefetch(wb.wrapping_add(w.len()), pb);
+        }
         let dw = f16x16(wb);
         let dmin = f16x16(wb.add(32));
         let scale: [__m512; R] =
@@ -339,6 +365,11 @@ unsafe fn kernel_q6k<const R: usize>(w: &[u8], acts: &[&[Q8KBlock]], out: &mut G
     let mut acc = [[_mm512_setzero_ps(); 8]; R];
     for b in 0..nb {
         let wb = wp.add(b * PB);
+        // The same block of the next packed group, loading while this one computes
+        // (worth its instructions only with several activation rows).
+        if R > 2 {
+            prefetch(wb.wrapping_add(w.len()), PB);
+        }
         let mut lanes = [[_mm512_setzero_si512(); 8]; R];
         for p in 0..8 {
             let at = wb.add(288 + 384 * p);

@@ -14,8 +14,10 @@
 //! 3. where the CPU has AVX-512 VNNI, Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K weights are
 //!    repacked at construction (`pack.rs`): 16 rows interleaved so one `vpdpbusd`
 //!    yields 16 rows' partial dots, each weight register unpacked once for up to 8
-//!    activation rows; rows past the last whole group of 16 stay in GGUF layout and
-//!    run on the AVX2 kernels;
+//!    activation rows (the K formats) or 2 (the 32-value formats, whose eight lane
+//!    chains per row fill the registers; with more rows they pass over the group, in
+//!    L1, again and prefetch the next one); rows past the last whole group of 16 stay
+//!    in GGUF layout and run on the AVX2 kernels;
 //! 4. the output columns (weight rows) are split across rayon's pool in contiguous
 //!    ranges of whole 16-row tiles, as ggml splits by rows; inside a range, a tile
 //!    is dotted with every activation row (groups of 8 packed, of up to 4 on AVX2)
@@ -40,8 +42,9 @@
 //! errors and panic with a message; malformed tensors are refused with an error at
 //! construction.
 //!
-//! `vector.rs` holds the other f32 loops of a forward pass (attention, half-precision
-//! rounding, SiLU), compiled for AVX2 where the CPU has it.
+//! `vector.rs` holds the other f32 loops of a forward pass (attention over f32 or f16
+//! KV runs, half-precision rounding, SiLU), compiled for AVX2 where the CPU has it,
+//! with AVX-512 forms of the one-token attention loops.
 
 mod act;
 #[cfg(target_arch = "x86_64")]

@@ -1,6 +1,8 @@
 //! The f32 vector loops of a forward pass outside the matmuls (attention scores and
 //! weighted sums, half-precision rounding, SiLU-gated products), compiled twice: as
-//! portable code, and the same code with AVX2+FMA+F16C enabled, chosen at run time.
+//! portable code, and the same code with AVX2+FMA+F16C enabled, chosen at run time;
+//! the one-token attention loops ([`Order::VecDot`]) also have AVX-512 forms (one
+//! 16-lane chain a register), which perform the very same f32 operations.
 //!
 //! Owns the numerics of those loops. Invariants: both builds compute the same
 //! formulas; they may differ only in f32 summation order and in fused multiply-adds
@@ -16,6 +18,8 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2::Avx2;
+#[cfg(target_arch = "x86_64")]
+use super::avx512::Avx512;
 
 /// `out[t] = dot(q, keys[t * stride + offset ..][..q.len()]) * scale` for every `t`.
 pub fn attention_scores(
@@ -33,6 +37,15 @@ pub fn attention_scores(
         "attention_scores: {n} keys of stride {stride} do not fit in {}",
         keys.len()
     );
+    #[cfg(target_arch = "x86_64")]
+    if order == Order::VecDot {
+        if let Some(t) = Avx512::detect() {
+            // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+            return unsafe {
+                scores_avx512::<false>(t, q, keys.as_ptr().cast(), stride, offset, scale, out)
+            };
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = Avx2::detect() {
         // SAFETY: the token proves avx2/fma/f16c; the body is safe code.
@@ -61,11 +74,157 @@ pub fn weighted_sum(
         values.len()
     );
     #[cfg(target_arch = "x86_64")]
+    if order == Order::VecDot && out.len().is_multiple_of(16) {
+        if let Some(t) = Avx512::detect() {
+            // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+            return unsafe {
+                weighted_avx512::<false>(t, p, values.as_ptr().cast(), stride, offset, n_kv, out)
+            };
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
     if let Some(t) = Avx2::detect() {
         // SAFETY: as above.
         return unsafe { weighted_sum_avx2(t, p, values, stride, offset, order, n_kv, acc, out) };
     }
     weighted(p, values, stride, offset, order, n_kv, acc, out)
+}
+
+/// A run of cached keys or values: f32, or the bits of half-precision values (an F16
+/// KV cache: the same values, widened exactly when read, at half the memory traffic).
+#[derive(Clone, Copy, Debug)]
+pub enum KvRun<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl KvRun<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            KvRun::F32(x) => x.len(),
+            KvRun::F16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as f32: borrowed, or widened into `buf`.
+    fn widen<'b>(&'b self, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        match *self {
+            KvRun::F32(x) => x,
+            KvRun::F16(x) => {
+                buf.clear();
+                buf.resize(x.len(), 0.0);
+                widen_f16(x, buf);
+                buf
+            }
+        }
+    }
+}
+
+/// [`attention_scores`] over a [`KvRun`]: half-precision keys are read in place by
+/// the AVX-512 one-token loop, widened into `wide` otherwise. Same results.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_scores_kv(
+    q: &[f32],
+    keys: KvRun<'_>,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    order: Order,
+    wide: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    assert!(
+        n == 0 || (n - 1) * stride + offset + q.len() <= keys.len(),
+        "attention_scores: {n} keys of stride {stride} do not fit in {}",
+        keys.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::VecDot, KvRun::F16(k), Some(t)) = (order, keys, Avx512::detect()) {
+        // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+        return unsafe {
+            scores_avx512::<true>(t, q, k.as_ptr().cast(), stride, offset, scale, out)
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::Gemm, true, KvRun::F16(k), Some(t)) =
+        (order, q.len().is_multiple_of(16), keys, Avx2::detect())
+    {
+        // SAFETY: the token proves avx2/fma/f16c; the lengths are asserted.
+        return unsafe { scores_gemm_half(t, q, k.as_ptr(), stride, offset, scale, out) };
+    }
+    attention_scores(q, keys.widen(wide), stride, offset, scale, order, out)
+}
+
+/// [`weighted_sum`] over a [`KvRun`], as [`attention_scores_kv`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_sum_kv(
+    p: &[f32],
+    values: KvRun<'_>,
+    stride: usize,
+    offset: usize,
+    order: Order,
+    n_kv: usize,
+    wide: &mut Vec<f32>,
+    acc: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let n = p.len();
+    assert!(
+        n == 0 || (n - 1) * stride + offset + out.len() <= values.len(),
+        "weighted_sum: {n} values of stride {stride} do not fit in {}",
+        values.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::VecDot, true, KvRun::F16(v), Some(t)) = (
+        order,
+        out.len().is_multiple_of(16),
+        values,
+        Avx512::detect(),
+    ) {
+        // SAFETY: as above.
+        return unsafe {
+            weighted_avx512::<true>(t, p, v.as_ptr().cast(), stride, offset, n_kv, out)
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::Gemm, true, KvRun::F16(v), Some(t)) =
+        (order, out.len().is_multiple_of(8), values, Avx2::detect())
+    {
+        // SAFETY: as above.
+        return unsafe { weighted_gemm_half(t, p, v.as_ptr(), stride, offset, out) };
+    }
+    weighted_sum(p, values.widen(wide), stride, offset, order, n_kv, acc, out)
+}
+
+/// `out[i]` = the half-precision rounding of `x[i]`, as bits (round to nearest even).
+pub fn narrow_to_f16(x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len(), "narrow_to_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = Avx2::detect() {
+        // SAFETY: as above.
+        return unsafe { narrow_avx2(t, x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f16::from_f32(v).to_bits();
+    }
+}
+
+/// `out[i]` = the half-precision value with bits `x[i]`, widened (exact).
+pub fn widen_f16(x: &[u16], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "widen_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = Avx2::detect() {
+        // SAFETY: as above.
+        return unsafe { widen_avx2(t, x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f16::from_bits(v).to_f32();
+    }
 }
 
 /// Rounds every value to half precision (and back), as storing it in an F16 tensor
@@ -474,6 +633,303 @@ fn weighted_sum_avx2(
     }
 }
 
+/// [`scores`] in [`Order::VecDot`] with AVX-512: each of `dot`'s four chains of 16
+/// lanes is one register (the same FMAs in the same order), then `(0+2)+(1+3)`,
+/// [`reduce16`] and the leftover terms in f64, as `dot`; four keys at a time so
+/// their chains overlap. `keys` points at f16 bits when `HALF` (widened exactly on
+/// load), else at f32s.
+///
+/// # Safety
+/// AVX-512 as the token proves; every key `t < out.len()`, elements
+/// `t * stride + offset .. + q.len()`, lies inside the allocation `keys` points into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn scores_avx512<const HALF: bool>(
+    _: Avx512,
+    q: &[f32],
+    keys: *const u8,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let np = d / 64 * 64;
+    let reduce = |v: __m512| -> f32 {
+        // a[i + 8] + a[i], then [i + 4] + [i], then (0 + 2) + (1 + 3).
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let h = _mm256_add_ps(hi, lo);
+        let q4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+        let t2 = _mm_add_ps(q4, _mm_movehl_ps(q4, q4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    };
+    let finish = |t: usize, lanes: __m512| -> f32 {
+        let mut sum = f64::from(reduce(lanes));
+        let base = t * stride + offset;
+        for (i, y) in q.iter().enumerate().skip(np) {
+            // SAFETY: i < d, and key t's run of d values lies inside the keys.
+            let x = unsafe { elem::<HALF>(keys, base + i) };
+            sum += f64::from(x * y);
+        }
+        sum as f32 * scale
+    };
+    let mut chunks = out.chunks_mut(4);
+    let mut t = 0;
+    for o in &mut chunks {
+        let kn = o.len();
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        for s in (0..np).step_by(64) {
+            for (j, acc) in acc.iter_mut().enumerate().take(kn) {
+                // SAFETY: s + 64 <= d, and key t + j's run of d values lies inside
+                // `keys` (asserted by the caller).
+                unsafe {
+                    let k = (t + j) * stride + offset + s;
+                    let qp = q.as_ptr().add(s);
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        let kv = load16::<HALF>(keys, k + 16 * c);
+                        *a = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qp.add(16 * c)), *a);
+                    }
+                }
+            }
+        }
+        for (j, o) in o.iter_mut().enumerate() {
+            let a = &acc[j];
+            let lanes = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            *o = finish(t + j, lanes);
+        }
+        t += kn;
+    }
+}
+
+/// [`weighted`] in [`Order::VecDot`] with AVX-512, for 16 outputs at a time
+/// (`out.len()` a multiple of 16): one register per lane of a chain, the chains one
+/// after the other (position `64 s + 16 j + l` feeds chain `j`, lane `l`), then
+/// `(0+2)+(1+3)`, [`reduce16`] across the lanes and the leftover positions past the
+/// view's last whole step in f64, as `weighted` sums them. `values` points at f16
+/// bits when `HALF`, else at f32s.
+///
+/// # Safety
+/// AVX-512 as the token proves; every value `t < p.len()`, elements
+/// `t * stride + offset .. + out.len()`, lies inside the allocation `values` points into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn weighted_avx512<const HALF: bool>(
+    _: Avx512,
+    p: &[f32],
+    values: *const u8,
+    stride: usize,
+    offset: usize,
+    n_kv: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = out.len();
+    let n = p.len();
+    let vector_part = n.min(n_kv / 64 * 64);
+    // SAFETY (every use): t < n and i + 16 <= d, so the 16 values lie inside the
+    // caller's values.
+    let at = |t: usize, i: usize| unsafe { load16::<HALF>(values, t * stride + offset + i) };
+    for i in (0..d).step_by(16) {
+        let mut chains = [[_mm512_setzero_ps(); 16]; 4];
+        for (j, chain) in chains.iter_mut().enumerate() {
+            let mut a = [_mm512_setzero_ps(); 16];
+            for base in (0..vector_part).step_by(64) {
+                let from = base + 16 * j;
+                let len = 16.min(vector_part.saturating_sub(from));
+                for (l, a) in a.iter_mut().enumerate() {
+                    if l < len {
+                        let t = from + l;
+                        *a = _mm512_fmadd_ps(at(t, i), _mm512_set1_ps(p[t]), *a);
+                    }
+                }
+            }
+            *chain = a;
+        }
+        let lanes: [__m512; 16] = std::array::from_fn(|l| {
+            _mm512_add_ps(
+                _mm512_add_ps(chains[0][l], chains[2][l]),
+                _mm512_add_ps(chains[1][l], chains[3][l]),
+            )
+        });
+        let h: [__m512; 8] = std::array::from_fn(|l| _mm512_add_ps(lanes[l + 8], lanes[l]));
+        let q: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(h[l + 4], h[l]));
+        let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+        let mut res = [0f32; 16];
+        // SAFETY: `res` holds 16 f32s.
+        unsafe { _mm512_storeu_ps(res.as_mut_ptr(), r) };
+        for (k, r) in res.iter().enumerate() {
+            let mut sum = f64::from(*r);
+            for (t, &w) in p.iter().enumerate().skip(vector_part) {
+                // SAFETY: t < n and i + k < d, inside the caller's values.
+                let x = unsafe { elem::<HALF>(values, t * stride + offset + i + k) };
+                sum += f64::from(x * w);
+            }
+            out[i + k] = sum as f32;
+        }
+    }
+}
+
+/// `scores_avx2`'s [`Order::Gemm`] loop over half-precision keys (widened exactly on
+/// load): per key, 16 lanes in two registers, one FMA chain each over the 16-term
+/// chunks, then [`reduce16`], as `dot`; up to four keys at a time.
+///
+/// # Safety
+/// avx2/fma/f16c as the token proves; `q.len()` a multiple of 16; every key
+/// `t < out.len()`, elements `t * stride + offset .. + q.len()`, inside the allocation
+/// `keys` points into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_gemm_half(
+    _: Avx2,
+    q: &[f32],
+    keys: *const u16,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let reduce = |lo: __m256, hi: __m256| -> f32 {
+        // a[i + 8] + a[i], then [i + 4] + [i], then (0 + 2) + (1 + 3).
+        let h = _mm256_add_ps(hi, lo);
+        let q4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+        let t2 = _mm_add_ps(q4, _mm_movehl_ps(q4, q4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    };
+    let load8 = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(keys.add(at).cast()));
+    let mut t = 0;
+    for o in out.chunks_mut(4) {
+        let kn = o.len();
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        for c in (0..d).step_by(16) {
+            let q0 = _mm256_loadu_ps(q.as_ptr().add(c));
+            let q1 = _mm256_loadu_ps(q.as_ptr().add(c + 8));
+            for j in 0..kn {
+                let k = (t + j) * stride + offset + c;
+                lo[j] = _mm256_fmadd_ps(load8(k), q0, lo[j]);
+                hi[j] = _mm256_fmadd_ps(load8(k + 8), q1, hi[j]);
+            }
+        }
+        for (j, o) in o.iter_mut().enumerate() {
+            *o = reduce(lo[j], hi[j]) * scale;
+        }
+        t += kn;
+    }
+}
+
+/// `weighted_sum_avx2`'s [`Order::Gemm`] loop over half-precision values (widened
+/// exactly on load): eight outputs at a time, chain `t % 16` takes position `t`, then
+/// [`reduce16`] across the chains, as `weighted`.
+///
+/// # Safety
+/// avx2/fma/f16c as the token proves; `out.len()` a multiple of 8; every value
+/// `t < p.len()`, elements `t * stride + offset .. + out.len()`, inside the allocation
+/// `values` points into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_gemm_half(
+    _: Avx2,
+    p: &[f32],
+    values: *const u16,
+    stride: usize,
+    offset: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (d, n) = (out.len(), p.len());
+    let at = |t: usize, i: usize| {
+        _mm256_cvtph_ps(_mm_loadu_si128(values.add(t * stride + offset + i).cast()))
+    };
+    let reduce16 = |a: &[__m256; 16]| {
+        let h: [__m256; 8] = std::array::from_fn(|l| _mm256_add_ps(a[l + 8], a[l]));
+        let q: [__m256; 4] = std::array::from_fn(|l| _mm256_add_ps(h[l + 4], h[l]));
+        _mm256_add_ps(_mm256_add_ps(q[0], q[2]), _mm256_add_ps(q[1], q[3]))
+    };
+    let whole = n / 16 * 16;
+    for i in (0..d).step_by(8) {
+        let mut a = [_mm256_setzero_ps(); 16];
+        for t0 in (0..whole).step_by(16) {
+            for l in 0..16 {
+                a[l] = _mm256_fmadd_ps(at(t0 + l, i), _mm256_set1_ps(p[t0 + l]), a[l]);
+            }
+        }
+        for (l, (a, &w)) in a.iter_mut().zip(&p[whole..]).enumerate() {
+            *a = _mm256_fmadd_ps(at(whole + l, i), _mm256_set1_ps(w), *a);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), reduce16(&a));
+    }
+}
+
+/// 16 values from element `at` of `p` (f16 bits when `HALF`, else f32), as f32.
+///
+/// # Safety
+/// The 16 elements lie inside the allocation `p` points into; AVX-512 F available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn load16<const HALF: bool>(p: *const u8, at: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if HALF {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * at).cast()))
+    } else {
+        _mm512_loadu_ps(p.add(4 * at).cast())
+    }
+}
+
+/// Element `at` of `p` (f16 bits when `HALF`, else f32), as f32.
+///
+/// # Safety
+/// The element lies inside the allocation `p` points into.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn elem<const HALF: bool>(p: *const u8, at: usize) -> f32 {
+    if HALF {
+        f16::from_bits(std::ptr::read_unaligned(p.add(2 * at).cast::<u16>())).to_f32()
+    } else {
+        std::ptr::read_unaligned(p.add(4 * at).cast::<f32>())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn narrow_avx2(_: Avx2, x: &[f32], out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let mut o = out.chunks_exact_mut(8);
+    let mut c = x.chunks_exact(8);
+    for (x, o) in (&mut c).zip(&mut o) {
+        // SAFETY: 8 f32s in, 8 u16s out; unaligned loads and stores.
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr()));
+            _mm_storeu_si128(o.as_mut_ptr().cast(), h);
+        }
+    }
+    for (o, &v) in o.into_remainder().iter_mut().zip(c.remainder()) {
+        *o = f16::from_f32(v).to_bits();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen_avx2(_: Avx2, x: &[u16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut o = out.chunks_exact_mut(8);
+    let mut c = x.chunks_exact(8);
+    for (x, o) in (&mut c).zip(&mut o) {
+        // SAFETY: 8 u16s in, 8 f32s out; unaligned loads and stores.
+        unsafe {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().cast()));
+            _mm256_storeu_ps(o.as_mut_ptr(), v);
+        }
+    }
+    for (o, &v) in o.into_remainder().iter_mut().zip(c.remainder()) {
+        *o = f16::from_bits(v).to_f32();
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn softmax_avx2(_: Avx2, scores: &mut [f32]) {
@@ -592,6 +1048,64 @@ mod tests {
         }
         assert_eq!(dot(&a, &b, Order::VecDot), sum as f32);
         assert!((dot(&a, &b, Order::VecDot) - want).abs() <= 1e-5 * want.abs().max(1.0));
+    }
+
+    #[test]
+    fn attention_loops_agree_for_every_head_size() {
+        for d in [16, 48, 64, 72, 128, 256] {
+            let stride = 2 * d;
+            let q = values(d);
+            for n in [1, 3, 5, 8, 70] {
+                let keys = values(stride * n);
+                // Gemm only where `Order::for_pass` picks it (d a multiple of 16).
+                for order in [Order::for_pass(2, d), Order::VecDot] {
+                    let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+                    attention_scores(&q, &keys, stride, d, 0.125, order, &mut a);
+                    scores(&q, &keys, stride, d, 0.125, order, &mut b);
+                    assert_eq!(a, b, "scores {order:?} d {d} n {n}");
+                    let p = values(n);
+                    for n_kv in [n.next_multiple_of(32), n.next_multiple_of(64) + 64] {
+                        let (mut a, mut b, mut acc) = (vec![0.0; d], vec![0.0; d], Vec::new());
+                        weighted_sum(&p, &keys, stride, d, order, n_kv, &mut acc, &mut a);
+                        weighted(&p, &keys, stride, d, order, n_kv, &mut acc, &mut b);
+                        assert_eq!(a, b, "weighted {order:?} d {d} n {n} n_kv {n_kv}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_precision_runs_give_the_f32_results() {
+        for d in [48, 64, 256] {
+            let stride = 2 * d;
+            let q = values(d);
+            for n in [1, 5, 70] {
+                let mut keys = values(stride * n);
+                round_to_f16(&mut keys);
+                let mut bits = vec![0u16; keys.len()];
+                narrow_to_f16(&keys, &mut bits);
+                let mut back = vec![0f32; keys.len()];
+                widen_f16(&bits, &mut back);
+                assert_eq!(back, keys);
+                let (mut wide, mut acc) = (Vec::new(), Vec::new());
+                for order in [Order::for_pass(2, d), Order::VecDot] {
+                    let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+                    attention_scores(&q, &keys, stride, d, 0.125, order, &mut a);
+                    let half = KvRun::F16(&bits);
+                    attention_scores_kv(&q, half, stride, d, 0.125, order, &mut wide, &mut b);
+                    assert_eq!(a, b, "scores {order:?} d {d} n {n}");
+                    let p = values(n);
+                    let n_kv = n.next_multiple_of(32);
+                    let (mut a, mut b) = (vec![0.0; d], vec![0.0; d]);
+                    weighted_sum(&p, &keys, stride, d, order, n_kv, &mut acc, &mut a);
+                    weighted_sum_kv(
+                        &p, half, stride, d, order, n_kv, &mut wide, &mut acc, &mut b,
+                    );
+                    assert_eq!(a, b, "weighted {order:?} d {d} n {n}");
+                }
+            }
+        }
     }
 
     #[test]
