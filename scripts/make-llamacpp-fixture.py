@@ -9,7 +9,8 @@ Run from the repository root after scripts/fetch-models.sh and scripts/llamacpp-
 Records, with llama-cpp-python (the version is written into the fixture):
 - `tokens`: the ids llama.cpp's tokenizer gives each text of a varied corpus
   (`Llama(vocab_only=True).tokenize(text, add_bos=..., special=...)`);
-- `greedy`: for a few chat prompts, the prompt text (the family's chat format written
+- `greedy`: for a few chat prompts (the last ones longer than Gemma 3's 512-token
+  sliding window), the prompt text (the family's chat format written
   out by hand, so it also checks our template), its ids, and llama.cpp's greedy
   continuation: argmax of the logits at every step (temperature 0, no penalties,
   no top-k/top-p/min-p), up to 32 tokens or an end-of-turn token, with the margin
@@ -83,6 +84,49 @@ PROMPTS = [
     "Tell me a joke about programmers.",
     "日本の首都はどこですか？",
     "What should I consider when choosing a laptop for software development?",
+]
+
+# Prompts longer than Gemma 3's 512-token sliding window (its local attention layers
+# then see only the last 512 positions): a story followed by a question about it.
+STORY = " ".join(
+    [
+        LOGLIK_TEXT,
+        "On Saturday the ferry from the island was late because of fog, and the "
+        "postman, who had waited an hour on the quay, delivered the letters at dusk. "
+        "One of them was for the schoolteacher, Mrs. Arden, from a nephew in Lisbon who "
+        "wrote that he would arrive before the winter and stay until the spring.",
+        "The mayor called a meeting about the bridge. Engineers from the city had "
+        "measured the cracks in the second arch and said that heavy trucks should cross "
+        "one at a time. Nobody liked the idea of a detour through the valley, which "
+        "added forty minutes to every trip to the station, so the council voted to "
+        "repair the arch in November, when the river was low and the market was closed.",
+        "Meanwhile the baker's daughter, Lena, trained for the regional race. Every "
+        "morning she ran along the towpath to the lock and back, eleven kilometres, "
+        "timing herself with her grandfather's watch. In the first week she needed "
+        "fifty-eight minutes; by the end of the month she needed forty-nine, and the "
+        "fishermen began to shout the time to her as she passed the boats.",
+        "When the nephew finally came, he brought a box of oranges, a guitar with two "
+        "missing strings and a map of the old railway that nobody in town had seen "
+        "before. The map showed a branch line to the quarry above the hills, closed in "
+        "1958, and a station building that still stood, half hidden by brambles, behind "
+        "the cemetery. Within a week half the children of the town had walked up to "
+        "find it, and the schoolteacher had to write to every family about the danger "
+        "of the old tunnel.",
+        "The race took place on the first Sunday of December in a cold wind. Lena "
+        "started too fast, fell back to ninth place on the hill, and then, on the long "
+        "flat road by the river, passed one runner after another. She finished third, "
+        "in forty-seven minutes and twelve seconds, and the baker closed the shop for "
+        "the afternoon so that everyone could celebrate with cake and hot chocolate.",
+        "By then the repairs on the bridge had begun. Scaffolding covered the second "
+        "arch, a crane stood on the gravel where the boats used to lie, and the trucks "
+        "took the long road through the valley after all. The council promised that "
+        "the work would be finished before Easter, but nobody believed it, and the "
+        "fishermen started a bet about the date.",
+    ]
+)
+LONG_PROMPTS = [
+    STORY + "\n\nWho wrote to Mrs. Arden, and what did he bring when he came?",
+    STORY + "\n\nIn which place did Lena finish the race, and in what time?",
 ]
 
 
@@ -159,17 +203,29 @@ def main():
         for t in spec["ends"]
     }
     greedy = []
-    for question in PROMPTS:
+    # The long prompts run on a context that holds them whole, evaluated in one pass
+    # (n_batch = n_ubatch), as the tests feed them.
+    llm_long = Llama(
+        model_path=MODEL,
+        n_ctx=2048,
+        n_batch=1024,
+        n_ubatch=1024,
+        n_threads=2,
+        seed=0,
+        logits_all=False,
+        verbose=False,
+    )
+    for question, ctx in [(q, llm) for q in PROMPTS] + [(q, llm_long) for q in LONG_PROMPTS]:
         prompt = chat(question)
-        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-        llm.reset()
-        llm.eval(ids)
+        ids = ctx.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        ctx.reset()
+        ctx.eval(ids)
         out, margins, top = [], [], None
         for _ in range(STEPS):
             # The last evaluated token's logits (llama-cpp-python keeps `scores` only
             # with logits_all).
             logits = np.ctypeslib.as_array(
-                llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)
+                ctx._ctx.get_logits_ith(-1), shape=(ctx.n_vocab(),)
             ).astype(np.float32)
             top2 = np.argpartition(-logits, 2)[:2]
             top2 = top2[np.argsort(-logits[top2])]
@@ -181,8 +237,8 @@ def main():
             out.append(best)
             if best in ends:
                 break
-            llm.eval([best])
-        text = llm.detokenize([t for t in out if t not in ends]).decode("utf-8", "replace")
+            ctx.eval([best])
+        text = ctx.detokenize([t for t in out if t not in ends]).decode("utf-8", "replace")
         greedy.append(
             {
                 "question": question,
@@ -194,8 +250,9 @@ def main():
                 "text": text,
             }
         )
-        print(f"{question!r} -> {text!r}", file=sys.stderr)
+        print(f"{question[-60:]!r} ({len(ids)} ids) -> {text!r}", file=sys.stderr)
 
+    del llm_long
     del llm
     scorer = Llama(
         model_path=MODEL,

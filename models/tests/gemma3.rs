@@ -5,7 +5,8 @@
 //! Reference data is `fixtures/gemma3_tokens.json`, written by
 //! `scripts/make-llamacpp-fixture.py gemma3` with llama-cpp-python: llama.cpp's ids for a varied
 //! corpus, and its greedy continuations (with the top-2 logit margin of every step) of
-//! a few chat prompts. The file is the pretrained model, not the instruction-tuned
+//! chat prompts, two of them (617 tokens) longer than the 512-position sliding window
+//! of the local attention layers. The file is the pretrained model, not the instruction-tuned
 //! one: through the chat template it mostly repeats the question, llama.cpp included.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test crate: failing loudly is the point

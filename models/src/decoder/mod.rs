@@ -641,23 +641,26 @@ impl Weights {
             let (r, h) = (i / c.n_head, i % c.n_head);
             let p = rows_pos[r];
             let lo = first_visible(p);
-            let n = p + 1 - lo;
             let seq = &seqs[rows_seq[r]];
             let cache = &seq.cache[li];
             let g = h / group;
-            // llama.cpp's KV view: the cells up to the pass's last, padded to 32.
-            let n_kv = (seq.pos + seq.tokens.len()).next_multiple_of(32) - lo;
+            // llama.cpp's KV view: every cell from the first up to the pass's last,
+            // padded to 32; on a sliding-window layer (llama.cpp's full-size SWA cache)
+            // the cells before the window are in the view, masked (weight 0), so the
+            // sums keep the lanes of their cell numbers.
+            let n_kv = (seq.pos + seq.tokens.len()).next_multiple_of(32);
             ops::attend(
                 &q[r * qw + h * hd..r * qw + (h + 1) * hd],
                 cache.k[g].run(lo * hd..(p + 1) * hd),
-                cache.v[g].run(lo * hd..(p + 1) * hd),
+                cache.v[g].run(0..(p + 1) * hd),
                 hd,
                 0,
-                n,
+                p + 1,
                 c.kq_scale,
                 self.kv == KvCachePrecision::F16,
                 seq.tokens.len(),
                 n_kv,
+                lo,
                 scratch,
                 out,
             );

@@ -156,9 +156,11 @@ pub fn softmax(scores: &mut [f32]) {
 ///
 /// With `half`, the query and the attention weights are rounded to half precision
 /// (the keys and values were when cached), as llama.cpp's `mul_mat` over an F16 KV
-/// cache does. `q` is the head's query, `keys`/`values` hold `n` rows of `stride`
-/// values (f32, or f16 bits: the same values) whose `offset..offset + head_dim` slice
-/// belongs to this head. Dots are summed in llama.cpp's order for a pass of `tokens`
+/// cache does. `q` is the head's query, `values` hold `n` rows of `stride` values
+/// (f32, or f16 bits: the same values) whose `offset..offset + head_dim` slice belongs
+/// to this head, `keys` the last `n - masked` of those rows: the first `masked`
+/// positions are outside a sliding window, masked as llama.cpp masks them (score
+/// -inf, weight 0) but still summed over, so every term keeps its lane. Dots are summed in llama.cpp's order for a pass of `tokens`
 /// tokens of this sequence whose KV view holds `n_kv` cells (see [`vector::Order`]).
 /// `scratch` holds the per-thread buffers. The output is written to `out`.
 #[allow(clippy::too_many_arguments)]
@@ -173,6 +175,7 @@ pub fn attend(
     half: bool,
     tokens: usize,
     n_kv: usize,
+    masked: usize,
     scratch: &mut AttendScratch,
     out: &mut [f32],
 ) {
@@ -190,7 +193,9 @@ pub fn attend(
     scores.resize(n, 0.0);
     let scores = &mut scores[..n];
     let order = vector::Order::for_pass(tokens, q.len());
-    vector::attention_scores_kv(q16, keys, stride, offset, kq_scale, order, wide, scores);
+    let (hidden, seen) = scores.split_at_mut(masked);
+    hidden.fill(f32::NEG_INFINITY);
+    vector::attention_scores_kv(q16, keys, stride, offset, kq_scale, order, wide, seen);
     softmax(scores);
     if half {
         vector::round_to_f16(scores);
