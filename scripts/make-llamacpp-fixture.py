@@ -189,15 +189,12 @@ def main():
         ids = vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
         tokens.append({"text": text, "add_bos": add_bos, "special": special, "ids": ids})
 
-    llm = Llama(
-        model_path=MODEL,
-        n_ctx=256,
-        n_batch=256,
-        n_threads=2,
-        seed=0,
-        logits_all=False,
-        verbose=False,
-    )
+    def context(**sizes):
+        return Llama(
+            model_path=MODEL, n_threads=2, seed=0, logits_all=False, verbose=False, **sizes
+        )
+
+    llm = context(n_ctx=256, n_batch=256)
     ends = {
         vocab.tokenize(t.encode(), add_bos=False, special=True)[0]
         for t in spec["ends"]
@@ -205,16 +202,7 @@ def main():
     greedy = []
     # The long prompts run on a context that holds them whole, evaluated in one pass
     # (n_batch = n_ubatch), as the tests feed them.
-    llm_long = Llama(
-        model_path=MODEL,
-        n_ctx=2048,
-        n_batch=1024,
-        n_ubatch=1024,
-        n_threads=2,
-        seed=0,
-        logits_all=False,
-        verbose=False,
-    )
+    llm_long = context(n_ctx=2048, n_batch=1024, n_ubatch=1024)
     for question, ctx in [(q, llm) for q in PROMPTS] + [(q, llm_long) for q in LONG_PROMPTS]:
         prompt = chat(question)
         ids = ctx.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
