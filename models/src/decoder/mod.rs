@@ -458,7 +458,22 @@ impl Weights {
 
     /// Logits of the last token of each sequence, after appending all their tokens
     /// to their caches. Callers have checked positions, lengths and token ids.
+    ///
+    /// The whole pass runs on a thread of rayon's pool: its serial parts (norms,
+    /// rotary, the activations' quantization) then run on a pool thread, and each
+    /// parallel matmul or attention is a fork inside the pool, not a job sent in from
+    /// outside that wakes the pool and puts the caller to sleep every time (a pass
+    /// has hundreds of them; sent from outside, one-token decode was ~1.6x slower).
     fn forward(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>, String> {
+        if rayon::current_thread_index().is_some() {
+            return self.forward_on_pool(seqs);
+        }
+        let mut result = Err(String::new());
+        rayon::scope(|_| result = self.forward_on_pool(seqs));
+        result
+    }
+
+    fn forward_on_pool(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>, String> {
         let c = &self.config;
         let (e, qw, kvw, hd) = (c.n_embd, c.q_width(), c.kv_width(), c.head_dim);
         // Row r belongs to sequence rows_seq[r] at position rows_pos[r].
