@@ -53,7 +53,7 @@ impl AppState {
         store: Store,
         master_key: Option<&str>,
     ) -> Result<AppState, String> {
-        let client = build_client(&config.upstream)?;
+        let client = build_client(&config.upstream);
         let mut catalog = Catalog::builtin()?;
         catalog.apply(&config.catalog)?;
         let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;

@@ -295,7 +295,7 @@ fn usage(args: &UsageArgs) -> ExitCode {
 }
 
 fn admin(args: &AdminArgs) -> ExitCode {
-    let method = match reqwest::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes()) {
+    let method = match http::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes()) {
         Ok(m) => m,
         Err(_) => {
             eprintln!("error: {:?} is not an HTTP method", args.method);
@@ -325,10 +325,10 @@ fn admin(args: &AdminArgs) -> ExitCode {
 pub(crate) fn admin_call(
     base_url: &str,
     key: &str,
-    method: reqwest::Method,
+    method: http::Method,
     path: &str,
     body: Option<String>,
-) -> Result<(reqwest::StatusCode, String), ExitCode> {
+) -> Result<(http::StatusCode, String), ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -338,8 +338,7 @@ pub(crate) fn admin_call(
         })?;
     let defaults = crate::config::Config::embedded(&[("", "")]).map(|c| c.upstream);
     let client = defaults
-        .map_err(|e| e.to_string())
-        .and_then(|d| crate::providers::http::build_client(&d))
+        .map(|d| crate::providers::http::build_client(&d))
         .map_err(|e| {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -347,7 +346,7 @@ pub(crate) fn admin_call(
     let url = format!("{}{}", base_url.trim_end_matches('/'), path);
     // Registration hashes big files on the server: no overall timeout here.
     let mut rb = client
-        .request(method, &url)
+        .request(method, url)
         .bearer_auth(key)
         .timeout(std::time::Duration::from_secs(24 * 3600));
     if let Some(d) = body {
@@ -358,7 +357,7 @@ pub(crate) fn admin_call(
             let resp = rb.send().await?;
             let status = resp.status();
             let body = resp.text().await?;
-            Ok::<_, reqwest::Error>((status, body))
+            Ok::<_, crate::providers::http::Error>((status, body))
         })
         .map_err(|e| {
             eprintln!("error: {e}");

@@ -123,7 +123,7 @@ fn open(at: &Where) -> Result<Target, ExitCode> {
 fn call(
     url: &str,
     key: &str,
-    method: reqwest::Method,
+    method: http::Method,
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, ExitCode> {
@@ -233,7 +233,7 @@ fn register(path: &std::path::Path, name: &str, replace: bool, at: &Where) -> Re
             call(
                 &url,
                 &key,
-                reqwest::Method::POST,
+                http::Method::POST,
                 "/admin/models",
                 Some(json!({"path": absolute, "name": name, "replace": replace})),
             )?
@@ -254,7 +254,7 @@ fn list(at: &Where) -> Result<(), ExitCode> {
     let models: Vec<Value> = match open(at)? {
         Target::Store(reg) => reg.list().into_iter().map(offline_view).collect(),
         Target::Server { url, key } => {
-            let v = call(&url, &key, reqwest::Method::GET, "/admin/models", None)?;
+            let v = call(&url, &key, http::Method::GET, "/admin/models", None)?;
             v["data"].as_array().cloned().unwrap_or_default()
         }
     };
@@ -271,7 +271,7 @@ fn show(name: &str, at: &Where) -> Result<(), ExitCode> {
         Target::Server { url, key } => call(
             &url,
             &key,
-            reqwest::Method::GET,
+            http::Method::GET,
             &format!("/admin/models/{name}"),
             None,
         )?,
@@ -289,7 +289,7 @@ fn remove(name: &str, at: &Where) -> Result<(), ExitCode> {
             call(
                 &url,
                 &key,
-                reqwest::Method::DELETE,
+                http::Method::DELETE,
                 &format!("/admin/models/{name}"),
                 None,
             )?;

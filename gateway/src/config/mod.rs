@@ -687,8 +687,9 @@ fn providers(
         let base_url = r
             .base_url
             .unwrap_or_else(|| kind.default_base_url().to_string());
-        match reqwest::Url::parse(&base_url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        // Checked as the client will parse it (joined with a path for each call).
+        match base_url.parse::<http::Uri>() {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
             _ => p.add(
                 &at("base_url"),
                 format_args!("{base_url:?} is not an http(s) URL"),

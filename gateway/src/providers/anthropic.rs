@@ -893,7 +893,7 @@ impl AnthropicProvider {
 
     /// `POST /messages` with the key and version headers. A configured
     /// `anthropic-version` header (already in `up.headers`) wins over the default.
-    fn request(&self, body: &MessagesRequest) -> reqwest::RequestBuilder {
+    fn request(&self, body: &MessagesRequest) -> super::http::RequestBuilder {
         let mut rb = self.up.post(self.up.url("/messages")).json(body);
         if let Some(key) = &self.up.api_key {
             rb = rb.header("x-api-key", key);
@@ -964,9 +964,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    use ::http::header::HeaderValue;
     use axum::http::HeaderMap;
     use eventsource_stream::Eventsource;
-    use reqwest::header::HeaderValue;
 
     use super::*;
     use crate::config::UpstreamDefaults;
@@ -1601,8 +1601,7 @@ mod tests {
             first_byte_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(10),
             pool_max_idle_per_host: 2,
-        })
-        .unwrap();
+        });
         AnthropicProvider::new(UpstreamSettings {
             name: "anthropic-test".into(),
             base_url,

@@ -920,7 +920,7 @@ impl GeminiProvider {
         model: &str,
         method: &str,
         body: &T,
-    ) -> reqwest::RequestBuilder {
+    ) -> super::http::RequestBuilder {
         let url = self.up.url(&format!("/{}:{method}", resource_name(model)));
         let rb = self.up.post(url).json(body);
         match &self.up.api_key {
@@ -1600,7 +1600,7 @@ mod tests {
                 base_url: format!("http://{addr}/v1beta"),
                 api_key: Some("test-key".into()),
                 headers: Default::default(),
-                client: crate::providers::http::build_client(&defaults).unwrap(),
+                client: crate::providers::http::build_client(&defaults),
                 first_byte_timeout: defaults.first_byte_timeout,
                 timeout: defaults.timeout,
             });

@@ -1,9 +1,8 @@
 //! The one shared upstream HTTP client and the helpers every adapter sends through.
 //!
 //! Invariants:
-//! - [`build_client`] is the only place a `reqwest::Client` is built (enforced by
-//!   clippy's `disallowed-methods`), so connection pooling and the connect timeout hold
-//!   for every provider.
+//! - [`build_client`] is the only place the upstream [`Client`] is built, so connection
+//!   pooling and the connect timeout hold for every provider.
 //! - Each call has a first-byte deadline (until response headers arrive) and a total
 //!   deadline (until the body, or the whole stream, is read).
 //! - A non-2xx answer becomes an [`UpstreamError`] classified by status, carrying the
@@ -15,9 +14,11 @@ use bytes::Bytes;
 use eventsource_stream::{Event, Eventsource};
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::Uri;
 use serde::de::DeserializeOwned;
 
+pub use super::client::{Client, Error, RequestBuilder, Response};
 use super::{UpstreamError, UpstreamErrorKind};
 use crate::config::{ProviderConfig, ProviderKind, UpstreamDefaults};
 
@@ -28,16 +29,12 @@ pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Builds the process-wide upstream client. Clone it: clones share the pool.
-#[allow(clippy::disallowed_methods)]
-pub fn build_client(defaults: &UpstreamDefaults) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .connect_timeout(defaults.connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(defaults.pool_max_idle_per_host)
-        .tcp_nodelay(true)
-        .user_agent(concat!("airlock/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))
+pub fn build_client(defaults: &UpstreamDefaults) -> Client {
+    Client::new(
+        defaults.connect_timeout,
+        defaults.pool_max_idle_per_host,
+        Duration::from_secs(90),
+    )
 }
 
 /// Everything an adapter needs to call its provider.
@@ -48,13 +45,13 @@ pub struct UpstreamSettings {
     pub base_url: String,
     pub api_key: Option<String>,
     pub headers: HeaderMap,
-    pub client: reqwest::Client,
+    pub client: Client,
     pub first_byte_timeout: Duration,
     pub timeout: Duration,
 }
 
 impl UpstreamSettings {
-    pub fn from_config(cfg: &ProviderConfig, client: reqwest::Client) -> Self {
+    pub fn from_config(cfg: &ProviderConfig, client: Client) -> Self {
         let mut headers = HeaderMap::new();
         if cfg.kind == ProviderKind::Anthropic {
             let version = cfg.api_version.as_deref().unwrap_or(ANTHROPIC_VERSION);
@@ -86,31 +83,23 @@ impl UpstreamSettings {
         format!("{}{}", self.base_url, path)
     }
 
-    /// A POST with the configured extra headers and the total deadline applied.
-    pub fn post(&self, url: impl reqwest::IntoUrl) -> reqwest::RequestBuilder {
+    /// A POST with the configured extra headers and both deadlines applied.
+    pub fn post<U>(&self, url: U) -> RequestBuilder
+    where
+        Uri: TryFrom<U>,
+        <Uri as TryFrom<U>>::Error: Into<http::Error>,
+    {
         self.client
             .post(url)
             .headers(self.headers.clone())
             .timeout(self.timeout)
+            .first_byte_timeout(self.first_byte_timeout)
     }
 
     /// Sends and waits for the response head within the first-byte deadline. A non-2xx
     /// status becomes an error built from the body.
-    pub async fn send(
-        &self,
-        req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let resp = match tokio::time::timeout(self.first_byte_timeout, req.send()).await {
-            Err(_) => {
-                return Err(UpstreamError::new(
-                    UpstreamErrorKind::Timeout,
-                    &self.name,
-                    format!("no response within {:?}", self.first_byte_timeout),
-                ))
-            }
-            Ok(Err(e)) => return Err(self.transport_error(&e)),
-            Ok(Ok(resp)) => resp,
-        };
+    pub async fn send(&self, req: RequestBuilder) -> Result<Response, UpstreamError> {
+        let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -120,14 +109,14 @@ impl UpstreamSettings {
     /// Sends a JSON body and parses a JSON answer.
     pub async fn call_json<T: DeserializeOwned>(
         &self,
-        req: reqwest::RequestBuilder,
+        req: RequestBuilder,
     ) -> Result<T, UpstreamError> {
         let bytes = self.call_bytes(req).await?;
         self.parse(&bytes)
     }
 
     /// Sends and reads the whole body of a successful answer.
-    pub async fn call_bytes(&self, req: reqwest::RequestBuilder) -> Result<Bytes, UpstreamError> {
+    pub async fn call_bytes(&self, req: RequestBuilder) -> Result<Bytes, UpstreamError> {
         let resp = self.send(req).await?;
         resp.bytes().await.map_err(|e| self.transport_error(&e))
     }
@@ -145,10 +134,7 @@ impl UpstreamSettings {
     }
 
     /// Decodes an SSE response into events; transport errors become stream errors.
-    pub fn events(
-        &self,
-        resp: reqwest::Response,
-    ) -> BoxStream<'static, Result<Event, UpstreamError>> {
+    pub fn events(&self, resp: Response) -> BoxStream<'static, Result<Event, UpstreamError>> {
         let name = self.name.clone();
         resp.bytes_stream()
             .eventsource()
@@ -164,22 +150,20 @@ impl UpstreamSettings {
             .boxed()
     }
 
-    pub fn transport_error(&self, e: &reqwest::Error) -> UpstreamError {
+    pub fn transport_error(&self, e: &Error) -> UpstreamError {
         let kind = if e.is_timeout() {
             UpstreamErrorKind::Timeout
         } else if e.is_connect() {
             UpstreamErrorKind::Connect
-        } else if e.is_decode() {
-            UpstreamErrorKind::InvalidResponse
         } else {
             UpstreamErrorKind::Server
         };
-        // reqwest's Display can include the URL; our URLs carry no secrets (keys go in
-        // headers, Gemini's in `x-goog-api-key`), so it is safe to log.
+        // The chain can include the URL; our URLs carry no secrets (keys go in headers,
+        // Gemini's in `x-goog-api-key`), so it is safe to log.
         UpstreamError::new(kind, &self.name, error_chain(e))
     }
 
-    async fn status_error(&self, resp: reqwest::Response) -> UpstreamError {
+    async fn status_error(&self, resp: Response) -> UpstreamError {
         let status = resp.status().as_u16();
         let retry_after = retry_after(resp.headers());
         let body = read_bounded(resp).await;
@@ -196,7 +180,7 @@ impl UpstreamSettings {
     }
 }
 
-async fn read_bounded(mut resp: reqwest::Response) -> Bytes {
+async fn read_bounded(mut resp: Response) -> Bytes {
     let mut buf = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
         let room = MAX_ERROR_BODY.saturating_sub(buf.len());

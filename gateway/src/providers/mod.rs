@@ -17,6 +17,7 @@
 //!   checked for shape with their usage read ([`raw`]); the other routes get typed values.
 
 pub mod anthropic;
+pub mod client;
 pub mod gemini;
 pub mod http;
 pub mod local;
@@ -306,7 +307,7 @@ macro_rules! dispatch {
 
 impl Provider {
     /// Builds the adapter for one configured provider.
-    pub fn new(cfg: &ProviderConfig, client: reqwest::Client) -> Provider {
+    pub fn new(cfg: &ProviderConfig, client: http::Client) -> Provider {
         let settings = http::UpstreamSettings::from_config(cfg, client);
         match cfg.kind {
             ProviderKind::OpenAi => Provider::OpenAi(openai::OpenAiProvider::new(settings)),

@@ -11,15 +11,16 @@
 //! `stream_options` is never sent on a non-streaming call (OpenAI rejects it); a stream
 //! ends cleanly only on `data: [DONE]`.
 
+use ::http::header::{HeaderValue, CONTENT_TYPE};
+use ::http::Uri;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::http::UpstreamSettings;
+use super::http::{RequestBuilder, Response, UpstreamSettings};
 use super::raw::{ChatAnswer, ChatChunk, RawAnswer, RawChunk};
 use super::{
     Capabilities, ChatChunkStream, ChunkStream, CompletionStream, ProviderApi, UpstreamError,
@@ -35,21 +36,21 @@ pub struct OpenAiProvider {
     up: UpstreamSettings,
     /// `base_url` joined with each path, parsed once (`None`: not a valid URL, so each
     /// call fails in the client as it would with the string).
-    urls: std::sync::Arc<[Option<reqwest::Url>; 3]>,
+    urls: std::sync::Arc<[Option<Uri>; 3]>,
 }
 
 const PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
 
 impl OpenAiProvider {
     pub fn new(up: UpstreamSettings) -> Self {
-        let urls = PATHS.map(|p| reqwest::Url::parse(&up.url(p)).ok());
+        let urls = PATHS.map(|p| Uri::try_from(up.url(p)).ok());
         OpenAiProvider {
             up,
             urls: std::sync::Arc::new(urls),
         }
     }
 
-    fn request(&self, path: usize, body: Bytes) -> reqwest::RequestBuilder {
+    fn request(&self, path: usize, body: Bytes) -> RequestBuilder {
         let rb = match &self.urls[path] {
             Some(url) => self.up.post(url.clone()),
             None => self.up.post(self.up.url(PATHS[path])),
@@ -211,7 +212,7 @@ fn body_for<T: serde::Serialize>(
 /// stream with an error (see [`event_error`]).
 fn decode_events<T, F>(
     up: UpstreamSettings,
-    resp: reqwest::Response,
+    resp: Response,
     decode: F,
 ) -> BoxStream<'static, Result<T, UpstreamError>>
 where
@@ -284,7 +285,7 @@ fn event_error(provider: &str, data: &str, err: &serde_json::Error) -> UpstreamE
 /// Decodes an OpenAI-style SSE stream of `T` objects ending in `data: [DONE]`.
 pub(crate) fn sse_stream<T>(
     up: UpstreamSettings,
-    resp: reqwest::Response,
+    resp: Response,
 ) -> BoxStream<'static, Result<T, UpstreamError>>
 where
     T: DeserializeOwned + Send + 'static,
@@ -295,7 +296,7 @@ where
 }
 
 /// An OpenAI chat stream as the upstream's own chunks, each checked ([`RawChunk`]).
-fn raw_chunk_stream(up: UpstreamSettings, resp: reqwest::Response) -> ChatChunkStream {
+fn raw_chunk_stream(up: UpstreamSettings, resp: Response) -> ChatChunkStream {
     decode_events(up, resp, |data| {
         let json = Bytes::from(data);
         match RawChunk::parse(json.clone()) {

@@ -180,14 +180,14 @@ fn default_policy(d: &RoutingDefaults) -> RoutePolicy {
 }
 
 impl Routes {
-    pub fn new(cfg: &Config, client: &reqwest::Client, catalog: Catalog) -> Routes {
+    pub fn new(cfg: &Config, client: &crate::providers::http::Client, catalog: Catalog) -> Routes {
         Routes::with_local(cfg, client, catalog, None)
     }
 
     /// Like [`Routes::new`], with the `local` provider serving registered models.
     pub fn with_local(
         cfg: &Config,
-        client: &reqwest::Client,
+        client: &crate::providers::http::Client,
         catalog: Catalog,
         local: Option<Provider>,
     ) -> Routes {

@@ -42,7 +42,7 @@ kind = "gemini"
     );
     let cfg = Config::parse(&text, &[("X", "y")], SecretPolicy::Ignore).unwrap();
     let catalog = Catalog::builtin().unwrap();
-    Routes::new(&cfg, &build_client(&cfg.upstream).unwrap(), catalog)
+    Routes::new(&cfg, &build_client(&cfg.upstream), catalog)
 }
 
 fn err(kind: UpstreamErrorKind, provider: &str) -> UpstreamError {
