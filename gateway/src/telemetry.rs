@@ -130,23 +130,30 @@ pub struct RequestInfo {
     pub deferred: bool,
 }
 
-/// Outermost handler-side layer: in-flight gauge, access log line, metrics.
-pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Outermost handler-side layer: the request id, the body read deadline, the
+/// in-flight gauge, the access log line, metrics.
+///
+/// Request ids are the gateway's own: a client-sent `x-airlock-request-id` is replaced
+/// (it would let the client choose what the audit log records), and every response
+/// carries the id.
+pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
+    let id = crate::api::new_request_id();
+    req.headers_mut().insert(crate::api::REQUEST_ID, id.clone());
+    let timeout = state.config.server.body_read_timeout;
+    let req = req.map(|body| crate::api::json::with_read_deadline(body, timeout));
     // Cheap clones (reference-counted), not new strings: this runs for every request.
     let matched = req.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = req.method().clone();
     let uri = req.uri().clone();
     let path = uri.path();
-    let request_id = req.headers().get(crate::api::REQUEST_ID).cloned();
-    let request_id = request_id
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let request_id = id.to_str().unwrap_or("");
     state.metrics.in_flight.inc();
     let mut resp = next.run(req).await;
     state.metrics.in_flight.dec();
+    resp.headers_mut()
+        .insert(crate::api::REQUEST_ID, id.clone());
     audit(&state, &mut resp, route, path, request_id, start).await;
     // Nothing outside reads it after this layer.
     let info = resp

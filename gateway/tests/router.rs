@@ -437,3 +437,48 @@ async fn an_unreachable_upstream_is_a_502_naming_the_provider_not_the_address() 
         r.text
     );
 }
+
+#[tokio::test]
+async fn a_body_that_stalls_past_body_read_timeout_is_invalid_body() {
+    let app = app_with(&CONFIG.replace(
+        "max_body_bytes = 4096",
+        "max_body_bytes = 4096\nbody_read_timeout = 0.3",
+    ));
+    // The first half of a valid body, then nothing (the client stalls).
+    let first: Result<axum::body::Bytes, std::io::Error> =
+        Ok(axum::body::Bytes::from_static(br#"{"model":"gpt","#));
+    let stalled =
+        futures::StreamExt::chain(futures::stream::iter([first]), futures::stream::pending());
+    let req = Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stalled))
+        .unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(5), call(&app, req))
+        .await
+        .expect("a stalled body was waited on past body_read_timeout");
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], "invalid_body", "{}", r.text);
+    assert!(r.text.contains("did not arrive within 300ms"), "{}", r.text);
+    assert!(r.headers.contains_key("x-airlock-request-id"));
+}
+
+#[tokio::test]
+async fn request_ids_are_the_gateways_own_and_new_for_each_request() {
+    let app = app();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let mut req = get("/v1/models");
+        req.headers_mut()
+            .insert("x-airlock-request-id", "client-chosen".parse().unwrap());
+        let r = call(&app, req).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let id = r.headers["x-airlock-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_ne!(id, "client-chosen");
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        assert!(seen.insert(id), "ids repeat");
+    }
+}

@@ -11,11 +11,18 @@
 //! | field of the wrong type          | 400    | `invalid_type`                |
 //! | field with a bad value           | 400    | `invalid_value`               |
 
-use axum::body::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
+use hyper::body::{Frame, SizeHint};
 use serde::de::DeserializeOwned;
+use tokio::time::{Instant, Sleep};
 
 use crate::error::ApiError;
 
@@ -50,6 +57,70 @@ where
             }
         })?;
         parse(&bytes).map(ApiJson)
+    }
+}
+
+/// `body` with a read deadline of `timeout` from now (`server.body_read_timeout`):
+/// past it, the next read fails, which [`ApiJson`] answers with `invalid_body`.
+///
+/// The timer is armed only when a read would wait: a body that has already arrived
+/// with the request head (most JSON requests) costs no timer at all.
+pub fn with_read_deadline(body: Body, timeout: Duration) -> Body {
+    Body::new(ReadDeadline {
+        inner: body,
+        deadline: Instant::now() + timeout,
+        timeout,
+        timer: None,
+    })
+}
+
+struct ReadDeadline {
+    inner: Body,
+    deadline: Instant,
+    timeout: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// The error a body read gets past its deadline.
+#[derive(Debug)]
+struct ReadTimedOut(Duration);
+
+impl std::fmt::Display for ReadTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the body did not arrive within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for ReadTimedOut {}
+
+impl hyper::body::Body for ReadDeadline {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let deadline = this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(ReadTimedOut(this.timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
