@@ -488,6 +488,45 @@ fn the_chain_verifies_and_names_the_first_tampered_record() {
 }
 
 #[test]
+fn a_sealed_record_is_stored_as_its_own_serialization_with_a_good_hash() {
+    let mut content = request(7, "ak_1", Some("t_1"), "smart");
+    if let AuditEvent::Request(r) = &mut content {
+        r.content = Some(json!({"prompt": "say \"hash\":\"\"}", "z": ["\u{1F600}", "\n"]}));
+        r.error_code = Some("upstream_error".into());
+    }
+    let events = [
+        request(1, "ak_1", None, "smart"),
+        content,
+        admin("ak_admin"),
+        AuditEvent::ReservationRecovered {
+            reservation: reservation(3, vec![charge("team:t_1|monthly|2026-11", 5, 6)]),
+        },
+        AuditEvent::HoldRecovered {
+            hold: charge("org:o_1|total|0", 7, 8),
+        },
+    ];
+    let mut prev = audit::GENESIS_HASH.to_string();
+    for (i, event) in events.into_iter().enumerate() {
+        let seq = i as u64 + 1;
+        let (record, bytes) = audit::seal(seq, 1_700_000_000_000, event, prev.clone()).unwrap();
+        // The spliced bytes are exactly what serializing the sealed record gives.
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            String::from_utf8(keys::encode(&record).unwrap()).unwrap()
+        );
+        // And the hash is the chain hash of the canonical form (hash "").
+        let mut canonical = record.clone();
+        canonical.hash = String::new();
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        sha2::Digest::update(&mut h, prev.as_bytes());
+        sha2::Digest::update(&mut h, keys::encode(&canonical).unwrap());
+        assert_eq!(record.hash, hex::encode(sha2::Digest::finalize(h)));
+        assert_eq!(record.prev_hash, prev);
+        prev = record.hash;
+    }
+}
+
+#[test]
 fn an_empty_log_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _ledger, _) = open(dir.path());
