@@ -390,12 +390,12 @@ impl Admission {
             .map_err(|e| ApiError::Internal(format!("cannot record the request: {e}")))
     }
 
-    /// Settles in the background (the client went away; nobody waits).
     /// Whether the caller's team opted in to content in audit records.
     pub fn logs_content(&self) -> bool {
         self.principal.log_content
     }
 
+    /// Settles in the background (the client went away; nobody waits).
     pub fn finish_detached(mut self, o: Outcome<'_>) {
         let ops = self.ops(&o);
         if ops.is_empty() {
