@@ -708,28 +708,45 @@ impl StreamState {
         if data.is_empty() {
             return Vec::new();
         }
+        // Anthropic's events name their own `type`: parsed once, straight into the
+        // event. Only one that does not parse so is looked at as JSON, with the SSE
+        // event name as its type where it has none.
+        let ev = match serde_json::from_str::<StreamEvent>(data) {
+            Ok(ev) => ev,
+            Err(_) => match self.parse_untyped(event, data) {
+                Ok(ev) => ev,
+                Err(failed) => return failed,
+            },
+        };
+        self.apply(ev)
+    }
+
+    /// The slow path of [`StreamState::translate_event`]: `data` as JSON, its `type`
+    /// taken from the SSE `event` name when missing; a failure ends the stream.
+    fn parse_untyped(&mut self, event: &str, data: &str) -> Result<StreamEvent, Vec<Item>> {
         let mut value: Value = match serde_json::from_str(data) {
             Ok(v) => v,
             Err(e) => {
-                return self.fail(
+                return Err(self.fail(
                     UpstreamErrorKind::InvalidResponse,
                     format!("stream event is not JSON: {e}"),
-                )
+                ))
             }
         };
         if let Some(obj) = value.as_object_mut() {
             obj.entry("type")
                 .or_insert_with(|| Value::String(event.to_string()));
         }
-        let ev: StreamEvent = match serde_json::from_value(value) {
-            Ok(ev) => ev,
-            Err(e) => {
-                return self.fail(
-                    UpstreamErrorKind::InvalidResponse,
-                    format!("unparseable `{event}` event: {e}"),
-                )
-            }
-        };
+        serde_json::from_value(value).map_err(|e| {
+            self.fail(
+                UpstreamErrorKind::InvalidResponse,
+                format!("unparseable `{event}` event: {e}"),
+            )
+        })
+    }
+
+    /// What one parsed event becomes.
+    fn apply(&mut self, ev: StreamEvent) -> Vec<Item> {
         match ev {
             StreamEvent::MessageStart { message } => {
                 if !self.role_sent {
@@ -846,6 +863,23 @@ impl StreamState {
             }
             StreamEvent::Ignored => Vec::new(),
         }
+    }
+}
+
+/// One Anthropic stream's translation, fed one SSE event at a time: the pure part of
+/// the provider's stream loop, public for the SSE benchmarks (`benches/benches/parse.rs`).
+#[derive(Debug)]
+pub struct StreamTranslator(StreamState);
+
+impl StreamTranslator {
+    /// A stream from `provider` for `model` (no forced `json_schema` tool).
+    pub fn new(provider: &str, model: &str) -> Self {
+        StreamTranslator(StreamState::new(provider, model, None))
+    }
+
+    /// The chunks one event (`event:` name and `data:` payload) becomes.
+    pub fn event(&mut self, event: &str, data: &str) -> Vec<Item> {
+        self.0.translate_event(event, data)
     }
 }
 
@@ -1540,11 +1574,36 @@ mod tests {
             r#"{"type":"content_block_start","index":0,"content_block":{"type":"server_tool_use","id":"s","name":"web_search","input":{}}}"#,
         );
         assert!(out.is_empty());
+        // An event without its own `type` takes the SSE event name's.
+        let out = state.translate_event(
+            "content_block_start",
+            r#"{"index":1,"content_block":{"type":"text","text":""}}"#,
+        );
+        assert!(out.is_empty());
+        let out = state.translate_event(
+            "content_block_delta",
+            r#"{"index":1,"delta":{"type":"text_delta","text":"hi"}}"#,
+        );
+        let chunk = out[0].as_ref().unwrap();
+        assert_eq!(chunk.choices[0].delta.content.as_deref(), Some("hi"));
+        assert!(!state.done);
         let out = state.translate_event("message_start", "{not json");
         assert_eq!(
             out[0].as_ref().unwrap_err().kind,
             UpstreamErrorKind::InvalidResponse
         );
+        assert!(state.done);
+        // JSON of the wrong shape for its type ends the stream too.
+        let mut state = StreamState::new("anthropic", "m", None);
+        let out = state.translate_event(
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":"zero"}"#,
+        );
+        let err = out[0].as_ref().unwrap_err();
+        assert_eq!(err.kind, UpstreamErrorKind::InvalidResponse);
+        assert!(err
+            .message
+            .contains("unparseable `content_block_delta` event"));
         assert!(state.done);
     }
 

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::http::{error_message, UpstreamSettings};
+use super::http::{error_message, event_error, UpstreamSettings};
 use super::{
     unsupported, Capabilities, ChunkStream, CompletionStream, ProviderApi, UpstreamError,
     UpstreamErrorKind,
@@ -177,6 +177,9 @@ struct GenerateContentResponse {
     usage_metadata: Option<UsageMetadata>,
     model_version: Option<String>,
     response_id: Option<String>,
+    /// Set when the body is an `{"error": ...}` object (a failure mid-stream), not a
+    /// response.
+    error: Option<serde::de::IgnoredAny>,
 }
 
 impl GenerateContentResponse {
@@ -747,24 +750,18 @@ fn translate_event(state: &mut StreamState, data: &str) -> Vec<ChunkResult> {
     if state.ended {
         return Vec::new();
     }
-    let value: Value = match serde_json::from_str(data) {
-        Ok(v) => v,
+    // Parsed once, straight into the typed response; only a failure looks closer.
+    let resp: GenerateContentResponse = match serde_json::from_str(data) {
+        Ok(r) => r,
         Err(e) => {
-            let msg = format!("stream event is not JSON: {e}");
-            return state.fail(UpstreamErrorKind::InvalidResponse, msg);
+            state.ended = true;
+            return vec![Err(event_error(&state.provider, data, &e))];
         }
     };
-    if value.get("error").is_some_and(|e| !e.is_null()) {
+    if resp.error.is_some() {
         let msg = error_message(data.as_bytes(), 200);
         return state.fail(UpstreamErrorKind::StreamError, msg);
     }
-    let resp: GenerateContentResponse = match serde_json::from_value(value) {
-        Ok(r) => r,
-        Err(e) => {
-            let msg = format!("unparseable stream event: {e}");
-            return state.fail(UpstreamErrorKind::InvalidResponse, msg);
-        }
-    };
     if !state.started {
         state.started = true;
         if let Some(id) = &resp.response_id {
@@ -822,6 +819,24 @@ fn translate_event(state: &mut StreamState, data: &str) -> Vec<ChunkResult> {
         }
     }
     out
+}
+
+/// One Gemini stream's translation, fed one SSE `data:` payload at a time: the pure
+/// part of the provider's stream loop, public for the SSE benchmarks
+/// (`benches/benches/parse.rs`).
+#[derive(Debug)]
+pub struct StreamTranslator(StreamState);
+
+impl StreamTranslator {
+    /// A stream from `provider` for `model`.
+    pub fn new(provider: &str, model: &str) -> Self {
+        StreamTranslator(StreamState::new(provider, model))
+    }
+
+    /// The chunks one event's `data:` payload becomes.
+    pub fn event(&mut self, data: &str) -> Vec<ChunkResult> {
+        translate_event(&mut self.0, data)
+    }
 }
 
 /// Ends the stream: the usage chunk when every candidate finished, else
@@ -1482,6 +1497,21 @@ mod tests {
         );
         assert!(translate_event(&mut state, events(STREAM_TEXT)[0]).is_empty());
         assert!(finish(&mut state).is_empty());
+        // `"error": null` is no error; JSON of another shape is not a response.
+        let mut state = StreamState::new("gemini", "m");
+        let ok = translate_event(
+            &mut state,
+            r#"{"error":null,"candidates":[{"content":{"parts":[{"text":"Hi"}],"role":"model"},"index":0}]}"#,
+        );
+        assert_eq!(
+            ok[0].as_ref().unwrap().choices[0].delta.content.as_deref(),
+            Some("Hi")
+        );
+        let bad = translate_event(&mut state, r#"{"candidates":"none"}"#);
+        let err = bad[0].as_ref().unwrap_err();
+        assert_eq!(err.kind, UpstreamErrorKind::InvalidResponse);
+        assert!(err.message.starts_with("unparseable stream event"));
+        assert!(translate_event(&mut state, events(STREAM_TEXT)[0]).is_empty());
     }
 
     #[test]

@@ -192,6 +192,28 @@ async fn read_bounded(mut resp: Response) -> Bytes {
     Bytes::from(buf)
 }
 
+/// Why a stream event could not be used: the provider's error event, not JSON, or not
+/// the expected object (`err`).
+pub fn event_error(provider: &str, data: &str, err: &serde_json::Error) -> UpstreamError {
+    match serde_json::from_str::<serde_json::Value>(data) {
+        Err(e) => UpstreamError::new(
+            UpstreamErrorKind::InvalidResponse,
+            provider,
+            format!("stream event is not JSON: {e}"),
+        ),
+        Ok(v) if v.get("error").is_some_and(|e| !e.is_null()) => UpstreamError::new(
+            UpstreamErrorKind::StreamError,
+            provider,
+            error_message(data.as_bytes(), 200),
+        ),
+        Ok(_) => UpstreamError::new(
+            UpstreamErrorKind::InvalidResponse,
+            provider,
+            format!("unparseable stream event: {err}"),
+        ),
+    }
+}
+
 /// The provider's own error message: `error.message` in OpenAI, Anthropic and Gemini
 /// bodies (Gemini sometimes wraps it in an array), else the start of the body.
 pub fn error_message(body: &[u8], status: u16) -> String {

@@ -209,7 +209,7 @@ fn body_for<T: serde::Serialize>(
 /// The upstream's SSE events in order, each a non-empty `data` payload, ending on
 /// `data: [DONE]`: a transport error, or an end without `[DONE]` (`StreamInterrupted`),
 /// is yielded last. `data` that is an error object, or that `decode` refuses, ends the
-/// stream with an error (see [`event_error`]).
+/// stream with an error (see [`super::http::event_error`]).
 fn decode_events<T, F>(
     up: UpstreamSettings,
     resp: Response,
@@ -244,7 +244,7 @@ where
             match decode(data) {
                 Ok(item) => yield Ok(item),
                 Err((data, err)) => {
-                    yield Err(event_error(&up.name, &data, &err));
+                    yield Err(super::http::event_error(&up.name, &data, &err));
                     return;
                 }
             }
@@ -258,28 +258,6 @@ where
         }
     }
     .boxed()
-}
-
-/// Why a stream event could not be used: the provider's error event, not JSON, or not
-/// the expected object (`err`).
-fn event_error(provider: &str, data: &str, err: &serde_json::Error) -> UpstreamError {
-    match serde_json::from_str::<Value>(data) {
-        Err(e) => UpstreamError::new(
-            UpstreamErrorKind::InvalidResponse,
-            provider,
-            format!("stream event is not JSON: {e}"),
-        ),
-        Ok(v) if v.get("error").is_some_and(|e| !e.is_null()) => UpstreamError::new(
-            UpstreamErrorKind::StreamError,
-            provider,
-            super::http::error_message(data.as_bytes(), 200),
-        ),
-        Ok(_) => UpstreamError::new(
-            UpstreamErrorKind::InvalidResponse,
-            provider,
-            format!("unparseable stream event: {err}"),
-        ),
-    }
 }
 
 /// Decodes an OpenAI-style SSE stream of `T` objects ending in `data: [DONE]`.
