@@ -137,20 +137,29 @@ const SLOW_MS: u64 = 50;
 const CLOSED_CONNS: usize = 64;
 
 fn phases(quick: bool) -> Vec<Phase> {
-    let (rates, stream_rates, slow_rates) = if quick {
-        (vec![500.0, 2000.0], vec![1000.0], vec![4000.0])
+    let (rates, stream_rates, slow_rates, slow_stream_rates) = if quick {
+        (
+            vec![500.0, 2000.0],
+            vec![1000.0],
+            vec![4000.0],
+            vec![4000.0],
+        )
     } else {
         (
             vec![500.0, 1000.0, 2000.0, 4000.0, 8000.0],
             vec![500.0, 1000.0, 2000.0, 4000.0],
+            // 8,000 req/s for 50 ms each: about 400 requests in flight.
+            vec![1000.0, 4000.0, 8000.0],
             vec![1000.0, 4000.0],
         )
     };
-    let in_flight = slow_rates
-        .iter()
-        .map(|r| format!("{:.0}", r * SLOW_MS as f64 / 1000.0))
-        .collect::<Vec<_>>()
-        .join(" / ");
+    let in_flight = |rates: &[f64]| {
+        rates
+            .iter()
+            .map(|r| format!("{:.0}", r * SLOW_MS as f64 / 1000.0))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
     vec![
         Phase {
             id: "fixed-json",
@@ -183,20 +192,22 @@ fn phases(quick: bool) -> Vec<Phase> {
         Phase {
             id: "slow-json",
             title: format!(
-                "Non-streaming, {SLOW_MS} ms upstream delay, fixed rate (about {in_flight} requests in flight)"
+                "Non-streaming, {SLOW_MS} ms upstream delay, fixed rate (about {} requests in flight)",
+                in_flight(&slow_rates)
             ),
             stream: false,
             slow: true,
-            load: Load::Fixed(slow_rates.clone()),
+            load: Load::Fixed(slow_rates),
         },
         Phase {
             id: "slow-sse",
             title: format!(
-                "Streaming, {SLOW_MS} ms upstream delay, fixed rate (about {in_flight} requests in flight)"
+                "Streaming, {SLOW_MS} ms upstream delay, fixed rate (about {} requests in flight)",
+                in_flight(&slow_stream_rates)
             ),
             stream: true,
             slow: true,
-            load: Load::Fixed(slow_rates),
+            load: Load::Fixed(slow_stream_rates),
         },
     ]
 }
