@@ -38,8 +38,9 @@ pub struct LedgerOptions {
     /// Audit records older than this are deleted (checked at open, then hourly or every
     /// `retention` if shorter); `None` keeps them forever.
     pub retention: Option<Duration>,
-    /// How long a round waits for more batches before it commits, when the round before
-    /// it held more than one batch (a sign of concurrent submitters); zero never waits.
+    /// How long a round waits for more batches before it commits, when submissions come
+    /// fast enough that one more is due within it (the round before held several, at
+    /// most `linger` apart on average); zero never waits.
     pub linger: Duration,
 }
 

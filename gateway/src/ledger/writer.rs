@@ -6,10 +6,12 @@
 //! in memory in queue order, build one `sled::Batch`, `apply_batch`, `flush`, then answer
 //! every waiter of the round.
 //!
-//! Linger: when the previous round held more than one batch (submitters are
-//! concurrent), the writer sleeps `linger` after taking a round's first message and
+//! Linger: when submissions come fast enough that at least one more is expected within
+//! `linger` (the previous round's batches, over the time since that round started,
+//! predict it), the writer sleeps `linger` after taking a round's first message and
 //! before draining the queue, so the round takes in what the request tasks submit
-//! meanwhile. It sleeps rather than waiting on the queue so that those submissions
+//! meanwhile. At a low rate (two requests that happened to meet in one round, at
+//! 1,000 req/s) it does not wait: a lone submitter's latency is its round alone. It sleeps rather than waiting on the queue so that those submissions
 //! do not wake it one by one (on one core each wake-up is a context switch away from
 //! the tasks that would submit more). Fewer, larger rounds mean fewer flushes and
 //! wake-ups per request; the cost is up to `linger` more latency per round under load,
@@ -128,8 +130,9 @@ pub(crate) struct Writer {
     max_batch: usize,
     retention: Option<Duration>,
     linger: Duration,
-    /// Batches in the last round committed.
+    /// Batches in the last round committed, and when that round started.
     last_round: usize,
+    last_start: Option<Instant>,
     /// The open reservations as stored (the writer is the only one to write `r/`).
     open: OpenReservations,
     shared: Arc<Shared>,
@@ -259,6 +262,7 @@ impl Writer {
             retention,
             linger,
             last_round: 0,
+            last_start: None,
             shared,
         })
     }
@@ -307,7 +311,8 @@ impl Writer {
                     }
                 }
                 Msg::Submit { ops, reply } => {
-                    if self.last_round > 1 && !self.linger.is_zero() {
+                    let start = Instant::now();
+                    if self.should_linger(start) {
                         std::thread::sleep(self.linger);
                     }
                     let mut n = ops.len();
@@ -326,6 +331,7 @@ impl Writer {
                         }
                     }
                     self.last_round = batches.len();
+                    self.last_start = Some(start);
                     let (ops, replies): (Vec<_>, Vec<_>) = batches.into_iter().unzip();
                     match self.commit(ops) {
                         Ok(outcomes) => {
@@ -343,6 +349,17 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Whether a round starting at `now` lingers (see [`lingers`]).
+    fn should_linger(&self, now: Instant) -> bool {
+        self.last_start.is_some_and(|prev| {
+            lingers(
+                self.linger,
+                self.last_round,
+                now.saturating_duration_since(prev),
+            )
+        })
     }
 
     /// Applies `batches` as one durable round. `Ok` holds each batch's own outcome (its
@@ -424,6 +441,16 @@ impl Writer {
         self.shared.ids_end.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
+}
+
+/// Whether a round lingers, given that the round before held `last_round` batches and
+/// started `since` ago: it held more than one, and at the rate they came (that many
+/// in `since`) at least one more is due within `linger`.
+fn lingers(linger: Duration, last_round: usize, since: Duration) -> bool {
+    if linger.is_zero() || last_round < 2 {
+        return false;
+    }
+    since <= linger.saturating_mul(u32::try_from(last_round).unwrap_or(u32::MAX))
 }
 
 /// Unix milliseconds now.
@@ -704,5 +731,26 @@ impl<'t> Round<'t> {
             }
         }
         Ok(Some((batch, undo, self.head, groups)))
+    }
+}
+
+#[cfg(test)]
+mod pace {
+    use super::lingers;
+    use std::time::Duration;
+
+    #[test]
+    fn a_round_lingers_only_when_more_submissions_are_due_within_the_linger() {
+        let us = Duration::from_micros;
+        let linger = us(200);
+        // 1,000 req/s: two requests that met in one round 1 ms ago.
+        assert!(!lingers(linger, 2, us(1000)));
+        // Closed loop: 20 batches in the round that started 1 ms ago.
+        assert!(lingers(linger, 20, us(1000)));
+        // 8,000 req/s: two batches 250 µs apart.
+        assert!(lingers(linger, 2, us(250)));
+        // A lone submitter never waits, nor does a zero linger.
+        assert!(!lingers(linger, 1, us(10)));
+        assert!(!lingers(Duration::ZERO, 50, us(10)));
     }
 }
