@@ -7,7 +7,8 @@
 # Idempotent: a venv that already imports the pinned version is left alone. The build
 # uses CMAKE_BUILD_PARALLEL_LEVEL (default 2) jobs and takes several minutes on two
 # cores. cmake comes from PyPI into the venv when the machine has none.
-# Prints the venv's python on success; exits non-zero with a message on failure.
+# Prints the venv's python on success, and nothing else on stdout (callers capture it);
+# exits non-zero with a message on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,15 +33,15 @@ fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
-  "$PYTHON" -m venv "$VENV" || die "could not create $VENV"
+  "$PYTHON" -m venv "$VENV" >&2 || die "could not create $VENV"
 fi
 VPY="$VENV/bin/python"
-"$VPY" -m pip install --quiet --disable-pip-version-check --upgrade pip \
+"$VPY" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2 \
   || die "could not upgrade pip in $VENV (is PyPI reachable?)"
 
 if ! command -v cmake >/dev/null 2>&1 && [ ! -x "$VENV/bin/cmake" ]; then
   echo "llamacpp-venv: no cmake on PATH; installing it into $VENV" >&2
-  "$VPY" -m pip install --quiet --disable-pip-version-check cmake \
+  "$VPY" -m pip install --quiet --disable-pip-version-check cmake >&2 \
     || die "could not install cmake"
 fi
 
@@ -48,7 +49,7 @@ echo "llamacpp-venv: building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (severa
 PATH="$PWD/$VENV/bin:$PATH" \
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
   "$VPY" -m pip install --disable-pip-version-check \
-  "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" \
+  "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2 \
   || die "pip install llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION failed"
 
 [ "$(installed_version)" = "$LLAMA_CPP_PYTHON_VERSION" ] \
