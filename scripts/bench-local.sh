@@ -89,7 +89,8 @@ EMBED="$MODELS/all-MiniLM-L6-v2"
 OUT=target/bench
 mkdir -p "$OUT"
 rm -f "$OUT"/local-airlock.json "$OUT"/local-llamacpp.json "$OUT"/local-st.json
-LABEL="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty'); $(nproc --all) cores; $(uname -r)"
+CPU_MODEL=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs || true)
+LABEL="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty'); $(nproc --all) cores${CPU_MODEL:+ ($CPU_MODEL)}; $(uname -r)"
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 

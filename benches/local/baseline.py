@@ -163,6 +163,9 @@ def llama_bench(args, plan):
     return {
         "engine": f"llama-cpp-python {llama_cpp.__version__}",
         "concurrency": "N Python threads, one Llama each with n_threads = max(1, T // N)",
+        # What this build of llama.cpp uses on this CPU (AVX512_VNNI, AMX_INT8, ...):
+        # the kernels differ between machines, so every table says which ran.
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "n_ctx": N_CTX,
         "chat": results,
     }

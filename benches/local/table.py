@@ -101,6 +101,8 @@ def main():
                   f"over {fmt(side.get('wall_s'), 0)} s")
     for n in notes:
         print(f"\nNote: {n}")
+    if llama.get("system_info"):
+        print(f"\nllama.cpp build on this CPU: {llama['system_info']}")
     if llama.get("concurrency"):
         print(f"\nllama.cpp concurrency: {llama['concurrency']}. Airlock: N requests submitted at once "
               "to one engine with max_batch = N: each on its own KV cache, all of them run "
