@@ -71,7 +71,9 @@ pub async fn authenticate(
                 message: "Missing API key: send it as `Authorization: Bearer <key>`.".into(),
             })
         }
-        Some(k) if state.master_key.as_ref().is_some_and(|m| m.matches(k)) => master_principal(),
+        Some(k) if state.master_key.as_ref().is_some_and(|m| m.matches(k)) => {
+            std::sync::Arc::new(master_principal())
+        }
         Some(k) => {
             let now = now_ms();
             match state.directory.authenticate(k, now) {
@@ -87,7 +89,6 @@ pub async fn authenticate(
         }
     };
     // Shared, not copied: the handler, the admission and the audit layer all read it.
-    let principal = std::sync::Arc::new(principal);
     let mut req = req;
     req.extensions_mut().insert(principal.clone());
     let mut resp = next.run(req).await;

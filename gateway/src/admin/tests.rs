@@ -29,7 +29,7 @@ async fn test_auth(State(d): State<Directory>, mut req: Request, next: Next) -> 
         .to_string();
     match d.authenticate(&token, now_ms()) {
         Ok(p) => {
-            req.extensions_mut().insert(std::sync::Arc::new(p));
+            req.extensions_mut().insert(p);
             next.run(req).await
         }
         Err(e) => ApiError::from(e).into_response(),

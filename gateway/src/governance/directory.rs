@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -204,6 +204,9 @@ struct KeyEntry {
     last_used: AtomicI64,
     /// The `last_used` value last written to disk.
     persisted: AtomicI64,
+    /// The key's principal as the index stands, built at its first authentication;
+    /// every change to the index empties it ([`Directory::apply`]).
+    principal: OnceLock<Arc<Principal>>,
 }
 
 impl KeyEntry {
@@ -213,6 +216,7 @@ impl KeyEntry {
             key,
             last_used: AtomicI64::new(lu),
             persisted: AtomicI64::new(lu),
+            principal: OnceLock::new(),
         }
     }
 
@@ -415,9 +419,14 @@ impl Directory {
         self.0.index.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The one way the index changes. A change to any org, team, user or key may
+    /// change any key's principal, so every cached one is dropped.
     fn apply(&self, f: impl FnOnce(&mut Index)) {
         let mut idx = self.0.index.write().unwrap_or_else(PoisonError::into_inner);
         f(&mut idx);
+        for entry in idx.keys.values_mut() {
+            entry.principal = OnceLock::new();
+        }
     }
 
     fn writer(&self) -> MutexGuard<'_, ()> {
@@ -1121,8 +1130,10 @@ impl Directory {
 
     // ---- authentication ----
 
-    /// Resolves a presented key (the bearer token) to its principal.
-    pub fn authenticate(&self, presented: &str, now_ms: i64) -> Result<Principal, AuthError> {
+    /// Resolves a presented key (the bearer token) to its principal. The secret,
+    /// revocation and expiry are checked on every call; the principal itself is built
+    /// once per key and version of the index, and shared.
+    pub fn authenticate(&self, presented: &str, now_ms: i64) -> Result<Arc<Principal>, AuthError> {
         if presented.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -1143,44 +1154,57 @@ impl Directory {
         if key.expires_at.is_some_and(|e| now_ms >= e) {
             return Err(AuthError::Expired);
         }
-        // References are kept whole on delete; a dangling one is refused, not guessed.
-        let user = match &key.user_id {
-            Some(u) => Some(idx.users.get(u).ok_or(AuthError::Unknown)?),
-            None => None,
-        };
-        let team = match &key.team_id {
-            Some(t) => Some(idx.teams.get(t).ok_or(AuthError::Unknown)?),
-            None => None,
-        };
-        let org = idx.orgs.get(&key.org_id).ok_or(AuthError::Unknown)?;
-        let role = match user {
-            Some(u) if !role_within(key.role, u.role) => Role::Member,
-            _ => key.role,
-        };
-        let mut allow = Vec::new();
-        let mut limits = vec![(Scope::Key(key.id.clone()), key.limits.clone())];
-        allow.extend(key.models.clone());
-        if let Some(u) = user {
-            allow.extend(u.models.clone());
-            limits.push((Scope::User(u.id.clone()), u.limits.clone()));
+        if let Some(p) = entry.principal.get() {
+            return Ok(p.clone());
         }
-        if let Some(t) = team {
-            allow.extend(t.models.clone());
-            limits.push((Scope::Team(t.id.clone()), t.limits.clone()));
-        }
-        allow.extend(org.models.clone());
-        limits.push((Scope::Org(org.id.clone()), org.limits.clone()));
-        Ok(Principal {
-            key_id: key.id.clone(),
-            org_id: key.org_id.clone(),
-            team_id: key.team_id.clone(),
-            user_id: key.user_id.clone(),
-            role,
-            allow,
-            limits,
-            log_content: team.is_some_and(|t| t.log_content),
-        })
+        let p = Arc::new(principal_of(&idx, key)?);
+        // Another request may have built it meanwhile: the same value, either is kept.
+        let _ = entry.principal.set(p.clone());
+        Ok(p)
     }
+}
+
+/// The principal of `key` as `idx` stands: its role within its user's, the models
+/// allowed and the limits at each level. A reference to a deleted user, team or org
+/// is refused, not guessed.
+fn principal_of(idx: &Index, key: &ApiKey) -> Result<Principal, AuthError> {
+    // References are kept whole on delete; a dangling one is refused, not guessed.
+    let user = match &key.user_id {
+        Some(u) => Some(idx.users.get(u).ok_or(AuthError::Unknown)?),
+        None => None,
+    };
+    let team = match &key.team_id {
+        Some(t) => Some(idx.teams.get(t).ok_or(AuthError::Unknown)?),
+        None => None,
+    };
+    let org = idx.orgs.get(&key.org_id).ok_or(AuthError::Unknown)?;
+    let role = match user {
+        Some(u) if !role_within(key.role, u.role) => Role::Member,
+        _ => key.role,
+    };
+    let mut allow = Vec::new();
+    let mut limits = vec![(Scope::Key(key.id.clone()), key.limits.clone())];
+    allow.extend(key.models.clone());
+    if let Some(u) = user {
+        allow.extend(u.models.clone());
+        limits.push((Scope::User(u.id.clone()), u.limits.clone()));
+    }
+    if let Some(t) = team {
+        allow.extend(t.models.clone());
+        limits.push((Scope::Team(t.id.clone()), t.limits.clone()));
+    }
+    allow.extend(org.models.clone());
+    limits.push((Scope::Org(org.id.clone()), org.limits.clone()));
+    Ok(Principal {
+        key_id: key.id.clone(),
+        org_id: key.org_id.clone(),
+        team_id: key.team_id.clone(),
+        user_id: key.user_id.clone(),
+        role,
+        allow,
+        limits,
+        log_content: team.is_some_and(|t| t.log_content),
+    })
 }
 
 fn not_found(kind: &'static str, id: &str) -> DirectoryError {

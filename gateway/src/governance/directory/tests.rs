@@ -111,6 +111,40 @@ fn code(e: DirectoryError) -> String {
 }
 
 #[test]
+fn a_principal_is_built_once_and_follows_every_change_to_the_directory() {
+    let f = fx();
+    let (_, t, _, k) = world(&f.d);
+    let first = f.d.authenticate(k.key.expose(), NOW).unwrap();
+    let again = f.d.authenticate(k.key.expose(), NOW).unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "unchanged directory: the same principal"
+    );
+    assert!(first.log_content);
+    // A change to the key's team reaches the key's next authentication.
+    f.d.update_team(
+        &t.id,
+        TeamPatch {
+            models: Some(Some(vec!["claude*".into()])),
+            log_content: Some(false),
+            ..TeamPatch::default()
+        },
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    let changed = f.d.authenticate(k.key.expose(), NOW).unwrap();
+    assert!(!Arc::ptr_eq(&first, &changed));
+    assert!(!changed.log_content);
+    assert_eq!(changed.allow[1], vec!["claude*".to_string()]);
+    // Revocation and expiry are checked on every call, cached principal or not.
+    f.d.revoke_key(&k.view.id, NOW, |_, _| Ok(())).unwrap();
+    assert_eq!(
+        f.d.authenticate(k.key.expose(), NOW),
+        Err(AuthError::Revoked)
+    );
+}
+
+#[test]
 fn authenticate_resolves_a_key_to_its_principal_with_every_level() {
     let f = fx();
     let (o, t, u, k) = world(&f.d);
