@@ -16,9 +16,22 @@ before each request (no prefix reuse), ending at max tokens or an end-of-generat
 token. Concurrency: llama-cpp-python has no in-process batching, so N streams run in N
 Python threads, one `Llama` each with n_threads = max(1, T // N) (the total stays at T
 threads where N <= T); ctypes releases the GIL during llama.cpp calls, so they overlap.
+
+Which llama.cpp runs: its default, unless that gives other answers. llama.cpp moves
+weights to "extra" buffer types where the CPU has them (AMX on Intel Xeons with
+AMX-INT8, its x86/ARM repacks elsewhere), with kernels of their own. Before timing, each
+model's mean log-likelihood of the prompt (every position's logits) is computed with the
+default and with `use_extra_bufts = false`; where the two are more than 1% apart, the
+default's kernels are wrong on this machine and the timings use the plain CPU kernels
+(both figures are in the JSON and the table). Seen on an AMX Xeon with llama-cpp-python
+0.3.16: SmolLM2's Q4_1 weights in AMX buffers give -5.86 nats/token where the plain
+kernels and every other machine give -3.67, and other greedy text on every fixture
+prompt (upstream: ggml-org/llama.cpp#16315, "The AMX backend produces garbage with Q4_0
+and Q4_1"); Gemma 3's K-quants in AMX buffers agree within 0.2%.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -29,6 +42,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
 N_CTX = 512
+# Mean log-likelihoods further apart than this: the two llama.cpp configurations do not
+# compute the same model.
+LOGLIK_TOLERANCE = 0.01
 
 
 def log(msg):
@@ -60,6 +76,59 @@ def median(values):
 # --- llama.cpp ------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def extra_bufts(enabled):
+    """Models loaded inside get `use_extra_bufts = enabled` (llama-cpp-python 0.3.16's
+    `Llama` has no argument for it: it starts from `llama_model_default_params()`)."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = enabled
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
+def mean_loglik(path, threads, ids, extra):
+    """llama.cpp's mean log-probability per token of `ids[1:]` (natural log)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    with extra_bufts(extra):
+        m = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=N_CTX,
+                  n_batch=N_CTX, logits_all=True, verbose=False)
+    try:
+        m.reset()
+        m.eval(ids)
+        scores = np.array(m.scores[: len(ids) - 1], dtype=np.float64)
+    finally:
+        m.close()
+    top = scores.max(axis=1, keepdims=True)
+    logz = top[:, 0] + np.log(np.exp(scores - top).sum(axis=1))
+    picked = scores[np.arange(len(ids) - 1), ids[1:]]
+    return float((picked - logz).mean())
+
+
+def choose_extra_bufts(path, threads, ids):
+    """Whether to time llama.cpp with its extra buffer types, and the evidence."""
+    with_extra = mean_loglik(path, threads, ids, True)
+    plain = mean_loglik(path, threads, ids, False)
+    apart = abs(with_extra - plain) / abs(plain)
+    ok = apart <= LOGLIK_TOLERANCE
+    log(f"{os.path.basename(path)}: mean log-likelihood of the prompt {with_extra:.4f} with "
+        f"extra buffer types, {plain:.4f} without ({100 * apart:.2f}% apart): timing "
+        f"{'the default' if ok else 'without them (the default computes another model here)'}")
+    return ok, {"extra_bufts": ok, "loglik_with_extra_bufts": with_extra,
+                "loglik_without_extra_bufts": plain}
+
+
 def llama_bench(args, plan):
     import llama_cpp
     from llama_cpp import Llama
@@ -68,15 +137,23 @@ def llama_bench(args, plan):
     results = []
     for path in args.gguf:
         name = os.path.basename(path)
-        log(f"loading {path}")
-        started = time.perf_counter()
-        llm = Llama(model_path=path, n_threads=args.threads, n_threads_batch=args.threads,
-                    n_ctx=N_CTX, n_batch=N_CTX, verbose=False)
-        load_s = time.perf_counter() - started
-        prompt = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+        prompt = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        vocab.close()
         if len(prompt) < plan["prompt_tokens"]:
             sys.exit(f"the prompt text is only {len(prompt)} tokens for {name}")
         prompt = prompt[: plan["prompt_tokens"]]
+        extra, kernels = choose_extra_bufts(path, args.threads, prompt)
+
+        def load(threads):
+            with extra_bufts(extra):
+                return Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
+                             n_ctx=N_CTX, n_batch=N_CTX, verbose=False)
+
+        log(f"loading {path}")
+        started = time.perf_counter()
+        llm = load(args.threads)
+        load_s = time.perf_counter() - started
 
         def run(model, max_tokens, start):
             """(first token s, done s, tokens), times from start."""
@@ -113,9 +190,7 @@ def llama_bench(args, plan):
             if n_streams == 1:
                 models = [llm]
             else:
-                models = [Llama(model_path=path, n_threads=per, n_threads_batch=per,
-                                n_ctx=N_CTX, n_batch=N_CTX, verbose=False)
-                          for _ in range(n_streams)]
+                models = [load(per) for _ in range(n_streams)]
                 for m in models:
                     run(m, 2, time.perf_counter())  # warm each instance
             out = [None] * n_streams
@@ -155,6 +230,7 @@ def llama_bench(args, plan):
 
         results.append({
             "model": name, "status": "ok", "load_s": load_s, "prompt_tokens": len(prompt),
+            "kernels": kernels,
             "ttft_ms_runs": ttft_ms, "ttft_ms_median": median(ttft_ms),
             "decode_tokens": counts, "decode_tokens_per_s_runs": rates,
             "decode_tokens_per_s": median(rates), "streams": streams,

@@ -101,6 +101,14 @@ def main():
                   f"over {fmt(side.get('wall_s'), 0)} s")
     for n in notes:
         print(f"\nNote: {n}")
+    for m in llama.get("chat", []):
+        k = m.get("kernels")
+        if k:
+            chosen = ("its default kernels (extra buffer types on)" if k["extra_bufts"] else
+                      "use_extra_bufts = false: its default kernels compute another model here")
+            print(f"\nllama.cpp on {m['model']}: {chosen}. Mean log-likelihood of the prompt, "
+                  f"nats/token: {k['loglik_with_extra_bufts']:.4f} with extra buffer types, "
+                  f"{k['loglik_without_extra_bufts']:.4f} without.")
     if llama.get("system_info"):
         print(f"\nllama.cpp build on this CPU: {llama['system_info']}")
     if llama.get("concurrency"):
