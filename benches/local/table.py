@@ -54,6 +54,13 @@ def main():
         base = llama.get("engine", "llama.cpp")
         rows.append((name, "load (s)", fmt(m["load_s"], 2), fmt(b.get("load_s"), 2), base,
                      ratio(m["load_s"], b.get("load_s"), higher_is_better=False)))
+        if m.get("prompt_mean_loglik") is not None and b.get("kernels"):
+            k = b["kernels"]
+            theirs = k["loglik_with_extra_bufts" if k["extra_bufts"] else "loglik_without_extra_bufts"]
+            ours = m["prompt_mean_loglik"]
+            rows.append((name, f"mean log-likelihood of the {m['prompt_tokens']}-token prompt "
+                         "(nats/token; same model = same figure)", f"{ours:.4f}", f"{theirs:.4f}",
+                         base, f"{100 * abs(ours - theirs) / abs(theirs):.2f}% apart"))
         rows.append((name, f"time to first token, {m['prompt_tokens']}-token prompt (ms, median)",
                      fmt(m["ttft_ms_median"]), fmt(b.get("ttft_ms_median")), base,
                      ratio(m["ttft_ms_median"], b.get("ttft_ms_median"), higher_is_better=False)))

@@ -43,11 +43,9 @@ pub fn bench(path: &Path, plan: &Plan) -> anyhow::Result<Value> {
     };
     let load_s = started.elapsed().as_secs_f64();
     let architecture = model.info().architecture.clone();
-    let most_streams = plan.streams.iter().copied().max().unwrap_or(1);
-    // Every stream runs at once on its own KV cache, as with `[local] max_batch >= N`.
-    let engine = Engine::start_batched(model, most_streams, most_streams);
+    let mut model = model;
 
-    let mut prompt = engine.tokenizer().encode(
+    let mut prompt = model.tokenizer().encode(
         PROMPT_TEXT,
         EncodeOptions {
             add_special: true,
@@ -62,6 +60,11 @@ pub fn bench(path: &Path, plan: &Plan) -> anyhow::Result<Value> {
         );
     }
     prompt.truncate(plan.prompt_tokens);
+    let loglik = mean_loglik(model.as_mut(), &prompt)?;
+    eprintln!("airlock-bench-local: {model_name}: mean log-likelihood of the prompt {loglik:.4}");
+    let most_streams = plan.streams.iter().copied().max().unwrap_or(1);
+    // Every stream runs at once on its own KV cache, as with `[local] max_batch >= N`.
+    let engine = Engine::start_batched(model, most_streams, most_streams);
 
     // Warm-up: first-touch of the weights, allocator, rayon's pool.
     finish(submit(&engine, &prompt, 8)?, Instant::now())?;
@@ -156,6 +159,7 @@ pub fn bench(path: &Path, plan: &Plan) -> anyhow::Result<Value> {
         "architecture": architecture,
         "load_s": load_s,
         "prompt_tokens": prompt.len(),
+        "prompt_mean_loglik": loglik,
         "ttft_ms_runs": ttft_ms,
         "ttft_ms_median": median(&ttft_ms),
         "decode_tokens": decode_tokens,
@@ -163,6 +167,29 @@ pub fn bench(path: &Path, plan: &Plan) -> anyhow::Result<Value> {
         "decode_tokens_per_s": median(&decode_rates),
         "streams": streams,
     }))
+}
+
+/// The model's mean log-probability per token of `ids[1..]` (natural log), each token
+/// scored from the logits after the ones before it: the figure `baseline.py` computes
+/// for llama.cpp, so the table shows both engines compute the same model.
+fn mean_loglik(
+    model: &mut dyn airlock_runtime::models::LanguageModel,
+    ids: &[u32],
+) -> anyhow::Result<f64> {
+    model.reset();
+    let mut total = 0f64;
+    for (i, pair) in ids.windows(2).enumerate() {
+        let logits = model.forward(&pair[..1], i)?;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = f64::from(max);
+        let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
+        let picked = logits
+            .get(pair[1] as usize)
+            .context("a prompt token outside the vocabulary")?;
+        total += f64::from(*picked) - max - sum.ln();
+    }
+    model.reset();
+    Ok(total / ids.len().saturating_sub(1).max(1) as f64)
 }
 
 fn submit(
