@@ -21,8 +21,9 @@
 //! chain for each). Every kernel equals the scalar one bit for bit.
 //!
 //! With more than two activation rows, a kernel also prefetches the next packed
-//! group (the next tile of its thread's range) while it computes this one: a hint
-//! that changes no result.
+//! group (the next tile of its thread's range) while it computes this one (the
+//! 32-value kernels spread those prefetches over their passes): a hint that changes
+//! no result.
 
 #![allow(unsafe_code)]
 
@@ -195,19 +196,26 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
 ) {
     // Two activation rows at a time (each weight register unpacked once for both):
     // 2 x (8 lane chains + Q4_1's chain) stay in registers.
-    // With several passes over the group, the first also prefetches the next packed
-    // group (the next tile of a thread's contiguous range), so its load overlaps this
-    // group's arithmetic (with one pass the hardware prefetcher does as well).
+    // With several passes over the group, each pass also prefetches its share of the
+    // next packed group (the next tile of a thread's contiguous range), so that load
+    // overlaps this group's arithmetic without one pass issuing every prefetch (with
+    // one pass the hardware prefetcher does as well).
+    let passes = if R > 2 { R.div_ceil(2) } else { 0 };
     let mut r = 0;
     while r + 2 <= R {
-        let [a, b] = rows_32::<FMT, 2>(w, [acts[r], acts[r + 1]], R > 2 && r == 0);
+        let [a, b] = rows_32::<FMT, 2>(w, [acts[r], acts[r + 1]], Fetch(r / 2, passes));
         (out[r], out[r + 1]) = (a, b);
         r += 2;
     }
     if r < R {
-        [out[r]] = rows_32::<FMT, 1>(w, [acts[r]], R > 2 && r == 0);
+        [out[r]] = rows_32::<FMT, 1>(w, [acts[r]], Fetch(r / 2, passes));
     }
 }
+
+/// Pass `.0` of `.1` over a packed group prefetches the `.0`-th of `.1` equal shares
+/// of each block of the next group (`.1 == 0`: no prefetching).
+#[derive(Clone, Copy)]
+struct Fetch(usize, usize);
 
 /// `N` activation rows of [`kernel_32`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -215,7 +223,7 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
 unsafe fn rows_32<const FMT: u8, const N: usize>(
     w: &[u8],
     acts: [&[Q8Block]; N],
-    fetch_next: bool,
+    fetch: Fetch,
 ) -> [[f32; 16]; N] {
     let pb = match FMT {
         FMT_Q4_0 => 288,
@@ -235,8 +243,11 @@ unsafe fn rows_32<const FMT: u8, const N: usize>(
     let mut summs = [_mm512_setzero_ps(); N];
     for b in 0..nb {
         let wb = wp.add(b * pb);
-        if fetch_next {
-            prefetch(wb.wrapping_add(w.len()), pb);
+        if let Fetch(pass, passes @ 1..) = fetch {
+            // The lines of this block's twin in the next group, split between passes.
+            let lines = pb.div_ceil(64);
+            let (lo, hi) = (pass * lines / passes, (pass + 1) * lines / passes);
+            prefetch(wb.wrapping_add(w.len() + 64 * lo), 64 * (hi - lo));
         }
         let q = match FMT {
             FMT_Q8_0 => std::array::from_fn(|z| _mm512_loadu_si512(wb.add(32 + 64 * z).cast())),
