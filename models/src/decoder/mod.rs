@@ -651,21 +651,31 @@ impl Weights {
             Some(w) => (p + 1).saturating_sub(w),
             None => 0,
         };
-        // One item: query head `h` of row `r`, over its KV head's contiguous run.
+        // One item: `per` query heads of row `r` sharing KV head `g`, over that KV
+        // head's contiguous run. A whole group per item reads the shared keys and
+        // values once; fewer where there would not be two items per thread (each
+        // head's output is the same either way).
+        let threads = rayon::current_num_threads();
+        let per = (1..=group)
+            .rev()
+            .find(|&k| group.is_multiple_of(k) && rows_pos.len() * (c.n_head / k) >= 2 * threads)
+            .unwrap_or(1);
+        let items_per_row = c.n_head / per;
         let head = |i: usize, out: &mut [f32], scratch: &mut ops::AttendScratch| {
-            let (r, h) = (i / c.n_head, i % c.n_head);
+            let (r, h) = (i / items_per_row, i % items_per_row * per);
+            let g = h / group;
             let p = rows_pos[r];
             let lo = first_visible(p);
             let seq = &seqs[rows_seq[r]];
             let cache = &seq.cache[li];
-            let g = h / group;
             // llama.cpp's KV view: every cell from the first up to the pass's last,
             // padded to 32; on a sliding-window layer (llama.cpp's full-size SWA cache)
             // the cells before the window are in the view, masked (weight 0), so the
             // sums keep the lanes of their cell numbers.
             let n_kv = (seq.pos + seq.tokens.len()).next_multiple_of(32);
-            ops::attend(
-                &q[r * qw + h * hd..r * qw + (h + 1) * hd],
+            ops::attend_heads(
+                &q[r * qw + h * hd..r * qw + (h + per) * hd],
+                hd,
                 cache.k[g].run(lo * hd..(p + 1) * hd),
                 cache.v[g].run(0..(p + 1) * hd),
                 hd,
@@ -684,15 +694,15 @@ impl Weights {
             .iter()
             .map(|&p| (p + 1 - first_visible(p)) * c.n_head)
             .sum();
-        if work >= PARALLEL_ATTENTION_WORK && rows_pos.len() * c.n_head > 1 {
-            att.par_chunks_exact_mut(hd)
+        if work >= PARALLEL_ATTENTION_WORK && rows_pos.len() * items_per_row > 1 {
+            att.par_chunks_exact_mut(per * hd)
                 .enumerate()
                 .for_each_init(ops::AttendScratch::default, |scratch, (i, out)| {
                     head(i, out, scratch)
                 });
         } else {
             let mut scratch = ops::AttendScratch::default();
-            for (i, out) in att.chunks_exact_mut(hd).enumerate() {
+            for (i, out) in att.chunks_exact_mut(per * hd).enumerate() {
                 head(i, out, &mut scratch);
             }
         }

@@ -152,20 +152,26 @@ pub fn softmax(scores: &mut [f32]) {
     vector::softmax(scores)
 }
 
-/// One query head attending over the cached keys and values.
+/// The query heads that share one KV head attending over its cached keys and values.
+///
+/// `q` holds the `q.len() / head_dim` heads' queries one after the other, `out`
+/// receives their outputs likewise; each head's output is what it would be alone,
+/// bit for bit (the one-token loops read the shared keys and values once for several
+/// heads, with every head's own sums unchanged).
 ///
 /// With `half`, the query and the attention weights are rounded to half precision
 /// (the keys and values were when cached), as llama.cpp's `mul_mat` over an F16 KV
-/// cache does. `q` is the head's query, `values` hold `n` rows of `stride` values
-/// (f32, or f16 bits: the same values) whose `offset..offset + head_dim` slice belongs
-/// to this head, `keys` the last `n - masked` of those rows: the first `masked`
-/// positions are outside a sliding window, masked as llama.cpp masks them (score
-/// -inf, weight 0) but still summed over, so every term keeps its lane. Dots are summed in llama.cpp's order for a pass of `tokens`
-/// tokens of this sequence whose KV view holds `n_kv` cells (see [`vector::Order`]).
-/// `scratch` holds the per-thread buffers. The output is written to `out`.
+/// cache does. `values` hold `n` rows of `stride` values (f32, or f16 bits: the same
+/// values) whose `offset..offset + head_dim` slice belongs to this KV head, `keys` the
+/// last `n - masked` of those rows: the first `masked` positions are outside a sliding
+/// window, masked as llama.cpp masks them (score -inf, weight 0) but still summed
+/// over, so every term keeps its lane. Dots are summed in llama.cpp's order for a pass
+/// of `tokens` tokens of this sequence whose KV view holds `n_kv` cells (see
+/// [`vector::Order`]). `scratch` holds the per-thread buffers.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(
+pub fn attend_heads(
     q: &[f32],
+    head_dim: usize,
     keys: vector::KvRun<'_>,
     values: vector::KvRun<'_>,
     stride: usize,
@@ -185,26 +191,44 @@ pub fn attend(
         acc,
         wide,
     } = scratch;
+    let heads = q.len() / head_dim;
     q16.clear();
     q16.extend_from_slice(q);
     if half {
         vector::round_to_f16(q16);
     }
-    scores.resize(n, 0.0);
-    let scores = &mut scores[..n];
-    let order = vector::Order::for_pass(tokens, q.len());
-    let (hidden, seen) = scores.split_at_mut(masked);
-    hidden.fill(f32::NEG_INFINITY);
-    vector::attention_scores_kv(q16, keys, stride, offset, kq_scale, order, wide, seen);
-    softmax(scores);
-    if half {
-        vector::round_to_f16(scores);
+    scores.resize(heads * n, 0.0);
+    let scores = &mut scores[..heads * n];
+    for row in scores.chunks_exact_mut(n) {
+        row[..masked].fill(f32::NEG_INFINITY);
+    }
+    let order = vector::Order::for_pass(tokens, head_dim);
+    vector::attention_scores_kv_heads(
+        q16,
+        head_dim,
+        keys,
+        stride,
+        offset,
+        kq_scale,
+        order,
+        wide,
+        n - masked,
+        &mut scores[masked..],
+        n,
+    );
+    for row in scores.chunks_exact_mut(n) {
+        softmax(row);
+        if half {
+            vector::round_to_f16(row);
+        }
     }
     let order = vector::Order::for_pass(tokens, n_kv);
-    vector::weighted_sum_kv(scores, values, stride, offset, order, n_kv, wide, acc, out);
+    vector::weighted_sum_kv_heads(
+        scores, n, values, stride, offset, order, n_kv, wide, acc, head_dim, out,
+    );
 }
 
-/// Scratch buffers of [`attend`], kept per thread across heads.
+/// Scratch buffers of [`attend_heads`], kept per thread across heads.
 #[derive(Debug, Default)]
 pub struct AttendScratch {
     scores: Vec<f32>,

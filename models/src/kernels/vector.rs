@@ -201,6 +201,125 @@ pub fn weighted_sum_kv(
     weighted_sum(p, values.widen(wide), stride, offset, order, n_kv, acc, out)
 }
 
+/// Most query heads the AVX-512 one-token loops take at once (their accumulators
+/// fill the registers).
+const MAX_HEADS: usize = 4;
+
+/// [`attention_scores_kv`] for the `q.len() / d` query heads that share one KV head:
+/// head `h`'s query is `q[h * d..][..d]` and its `n` scores go to
+/// `out[h * out_stride..][..n]`. Each head's scores are what [`attention_scores_kv`]
+/// gives it alone, bit for bit: the AVX-512 one-token loop widens each half-precision
+/// key once for up to [`MAX_HEADS`] heads and keeps every head's chains as they are.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_scores_kv_heads(
+    q: &[f32],
+    d: usize,
+    keys: KvRun<'_>,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    order: Order,
+    wide: &mut Vec<f32>,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let heads = q.len() / d.max(1);
+    assert!(
+        q.len() == heads * d
+            && (heads == 0 || (heads - 1) * out_stride + n <= out.len())
+            && (n == 0 || (n - 1) * stride + offset + d <= keys.len()),
+        "attention_scores_kv_heads: {heads} heads of {d}, {n} keys of stride {stride} in {}",
+        keys.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    let fast = match (order, keys, Avx512::detect()) {
+        (Order::VecDot, KvRun::F16(k), Some(t)) => Some((t, k.as_ptr().cast::<u8>())),
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast: Option<((), ())> = None;
+    for (h, g) in head_chunks(heads, fast.is_some()) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some((t, k)), 2..) = (fast, g) {
+            let (q, out) = (&q[h * d..(h + g) * d], &mut out[h * out_stride..]);
+            let o = out_stride;
+            // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+            unsafe {
+                match g {
+                    2 => scores_avx512_heads::<2>(t, q, k, stride, offset, scale, n, out, o),
+                    3 => scores_avx512_heads::<3>(t, q, k, stride, offset, scale, n, out, o),
+                    _ => scores_avx512_heads::<4>(t, q, k, stride, offset, scale, n, out, o),
+                }
+            }
+            continue;
+        }
+        let (qh, row) = (&q[h * d..(h + 1) * d], &mut out[h * out_stride..][..n]);
+        attention_scores_kv(qh, keys, stride, offset, scale, order, wide, row);
+    }
+}
+
+/// `(first head, heads)` of each chunk a heads loop takes: up to [`MAX_HEADS`] at a
+/// time on the fast path, else one at a time.
+fn head_chunks(heads: usize, fast: bool) -> impl Iterator<Item = (usize, usize)> {
+    let step = if fast { MAX_HEADS } else { 1 };
+    (0..heads)
+        .step_by(step)
+        .map(move |h| (h, step.min(heads - h)))
+}
+
+/// [`weighted_sum_kv`] for the `out.len() / d` query heads that share one KV head:
+/// head `h`'s weights are `p[h * n..][..n]`, its output `out[h * d..][..d]`. Each
+/// head's output is what [`weighted_sum_kv`] gives it alone, bit for bit: the AVX-512
+/// one-token loop widens each half-precision value once for up to [`MAX_HEADS`] heads.
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_sum_kv_heads(
+    p: &[f32],
+    n: usize,
+    values: KvRun<'_>,
+    stride: usize,
+    offset: usize,
+    order: Order,
+    n_kv: usize,
+    wide: &mut Vec<f32>,
+    acc: &mut Vec<f32>,
+    d: usize,
+    out: &mut [f32],
+) {
+    let heads = out.len() / d.max(1);
+    assert!(
+        out.len() == heads * d
+            && p.len() == heads * n
+            && (n == 0 || (n - 1) * stride + offset + d <= values.len()),
+        "weighted_sum_kv_heads: {heads} heads of {d}, {n} values of stride {stride} in {}",
+        values.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    let fast = match (order, d.is_multiple_of(16), values, Avx512::detect()) {
+        (Order::VecDot, true, KvRun::F16(v), Some(t)) => Some((t, v.as_ptr().cast::<u8>())),
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast: Option<((), ())> = None;
+    for (h, g) in head_chunks(heads, fast.is_some()) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some((t, v)), 2..) = (fast, g) {
+            let (p, out) = (&p[h * n..(h + g) * n], &mut out[h * d..(h + g) * d]);
+            // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+            unsafe {
+                match g {
+                    2 => weighted_avx512_heads::<true, 2, 8>(t, p, n, v, stride, offset, n_kv, out),
+                    3 => weighted_avx512_heads::<true, 3, 8>(t, p, n, v, stride, offset, n_kv, out),
+                    _ => weighted_avx512_heads::<true, 4, 4>(t, p, n, v, stride, offset, n_kv, out),
+                }
+            }
+            continue;
+        }
+        let (ph, oh) = (&p[h * n..(h + 1) * n], &mut out[h * d..(h + 1) * d]);
+        weighted_sum_kv(ph, values, stride, offset, order, n_kv, wide, acc, oh);
+    }
+}
+
 /// `out[i]` = the half-precision rounding of `x[i]`, as bits (round to nearest even).
 pub fn narrow_to_f16(x: &[f32], out: &mut [u16]) {
     assert_eq!(x.len(), out.len(), "narrow_to_f16: lengths differ");
@@ -656,17 +775,8 @@ unsafe fn scores_avx512<const HALF: bool>(
     use std::arch::x86_64::*;
     let d = q.len();
     let np = d / 64 * 64;
-    let reduce = |v: __m512| -> f32 {
-        // a[i + 8] + a[i], then [i + 4] + [i], then (0 + 2) + (1 + 3).
-        let lo = _mm512_castps512_ps256(v);
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        let h = _mm256_add_ps(hi, lo);
-        let q4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
-        let t2 = _mm_add_ps(q4, _mm_movehl_ps(q4, q4));
-        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
-    };
     let finish = |t: usize, lanes: __m512| -> f32 {
-        let mut sum = f64::from(reduce(lanes));
+        let mut sum = f64::from(reduce16_avx512(lanes));
         let base = t * stride + offset;
         for (i, y) in q.iter().enumerate().skip(np) {
             // SAFETY: i < d, and key t's run of d values lies inside the keys.
@@ -716,7 +826,7 @@ unsafe fn scores_avx512<const HALF: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn weighted_avx512<const HALF: bool>(
-    _: Avx512,
+    t: Avx512,
     p: &[f32],
     values: *const u8,
     stride: usize,
@@ -724,49 +834,158 @@ unsafe fn weighted_avx512<const HALF: bool>(
     n_kv: usize,
     out: &mut [f32],
 ) {
+    // SAFETY: the caller's contract is the one-head case of the heads loop's.
+    unsafe {
+        weighted_avx512_heads::<HALF, 1, 16>(t, p, p.len(), values, stride, offset, n_kv, out)
+    }
+}
+
+/// [`reduce16`] of one register: `a[i + 8] + a[i]`, then `[i + 4] + [i]`, then
+/// `(0 + 2) + (1 + 3)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn reduce16_avx512(v: std::arch::x86_64::__m512) -> f32 {
     use std::arch::x86_64::*;
-    let d = out.len();
-    let n = p.len();
-    let vector_part = n.min(n_kv / 64 * 64);
-    // SAFETY (every use): t < n and i + 16 <= d, so the 16 values lie inside the
-    // caller's values.
-    let at = |t: usize, i: usize| unsafe { load16::<HALF>(values, t * stride + offset + i) };
-    for i in (0..d).step_by(16) {
-        let mut chains = [[_mm512_setzero_ps(); 16]; 4];
-        for (j, chain) in chains.iter_mut().enumerate() {
-            let mut a = [_mm512_setzero_ps(); 16];
-            for base in (0..vector_part).step_by(64) {
-                let from = base + 16 * j;
-                let len = 16.min(vector_part.saturating_sub(from));
-                for (l, a) in a.iter_mut().enumerate() {
-                    if l < len {
-                        let t = from + l;
-                        *a = _mm512_fmadd_ps(at(t, i), _mm512_set1_ps(p[t]), *a);
+    let lo = _mm512_castps512_ps256(v);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let h = _mm256_add_ps(hi, lo);
+    let q4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+    let t2 = _mm_add_ps(q4, _mm_movehl_ps(q4, q4));
+    _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+}
+
+/// [`scores_avx512`] over half-precision keys for `G` query heads at once (`q` holds
+/// them one after the other): each key's registers are widened once and feed every
+/// head's own four chains, which see the very same FMAs in the same order as alone.
+/// Head `h`'s `n` scores go to `out[h * out_stride..]`.
+///
+/// # Safety
+/// AVX-512 as the token proves; `q.len()` a multiple of `G`; every key `t < n`,
+/// elements `t * stride + offset .. + q.len() / G`, inside the allocation `keys`
+/// points into; `out` holds `(G - 1) * out_stride + n` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_avx512_heads<const G: usize>(
+    _: Avx512,
+    q: &[f32],
+    keys: *const u8,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let d = q.len() / G;
+    let np = d / 64 * 64;
+    for t in 0..n {
+        let base = t * stride + offset;
+        let mut acc = [[_mm512_setzero_ps(); 4]; G];
+        for s in (0..np).step_by(64) {
+            // SAFETY: s + 64 <= d, inside key t's run and each head's query.
+            unsafe {
+                let kv: [__m512; 4] =
+                    std::array::from_fn(|c| load16::<true>(keys, base + s + 16 * c));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let qp = q.as_ptr().add(h * d + s);
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qp.add(16 * c)), *a);
                     }
                 }
             }
-            *chain = a;
         }
-        let lanes: [__m512; 16] = std::array::from_fn(|l| {
-            _mm512_add_ps(
-                _mm512_add_ps(chains[0][l], chains[2][l]),
-                _mm512_add_ps(chains[1][l], chains[3][l]),
-            )
-        });
-        let h: [__m512; 8] = std::array::from_fn(|l| _mm512_add_ps(lanes[l + 8], lanes[l]));
-        let q: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(h[l + 4], h[l]));
-        let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
-        let mut res = [0f32; 16];
-        // SAFETY: `res` holds 16 f32s.
-        unsafe { _mm512_storeu_ps(res.as_mut_ptr(), r) };
-        for (k, r) in res.iter().enumerate() {
-            let mut sum = f64::from(*r);
-            for (t, &w) in p.iter().enumerate().skip(vector_part) {
-                // SAFETY: t < n and i + k < d, inside the caller's values.
-                let x = unsafe { elem::<HALF>(values, t * stride + offset + i + k) };
-                sum += f64::from(x * w);
+        for (h, a) in acc.iter().enumerate() {
+            let lanes = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            let mut sum = f64::from(reduce16_avx512(lanes));
+            for i in np..d {
+                // SAFETY: i < d, inside key t's run.
+                let x = unsafe { elem::<true>(keys, base + i) };
+                sum += f64::from(x * q[h * d + i]);
             }
-            out[i + k] = sum as f32;
+            out[h * out_stride + t] = sum as f32 * scale;
+        }
+    }
+}
+
+/// [`weighted_avx512`] for `G` heads at once (`p` holds their `n` weights each, one
+/// head after the other; `out` their outputs; `values` f16 bits when `HALF`, else
+/// f32s): each value register is loaded (widened) once and feeds every head's
+/// accumulator of that chain and lane, `L` lanes of a chain at a time (so `G x L`
+/// accumulators stay in registers); every head sees the very same FMAs in the same
+/// order as alone, then the same sums.
+///
+/// # Safety
+/// AVX-512 as the token proves; `out.len()` = `G` x a multiple of 16; `p.len()` =
+/// `G * n`; `L` divides 16; every value `t < n`, elements
+/// `t * stride + offset .. + out.len() / G`, inside the allocation `values` points
+/// into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_avx512_heads<const HALF: bool, const G: usize, const L: usize>(
+    _: Avx512,
+    p: &[f32],
+    n: usize,
+    values: *const u8,
+    stride: usize,
+    offset: usize,
+    n_kv: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = out.len() / G;
+    let vector_part = n.min(n_kv / 64 * 64);
+    // SAFETY (every use): t < n and i + 16 <= d, inside the caller's values.
+    let at = |t: usize, i: usize| unsafe { load16::<HALF>(values, t * stride + offset + i) };
+    for i in (0..d).step_by(16) {
+        // chains[h][j][l]: head h's chain j, lane l (position 64 s + 16 j + l).
+        let mut chains = [[[_mm512_setzero_ps(); 16]; 4]; G];
+        for j in 0..4 {
+            for lb in (0..16).step_by(L) {
+                let mut a = [[_mm512_setzero_ps(); L]; G];
+                for base in (0..vector_part).step_by(64) {
+                    let from = base + 16 * j + lb;
+                    for l in 0..L {
+                        let t = from + l;
+                        if t < vector_part {
+                            let v = at(t, i);
+                            for (h, a) in a.iter_mut().enumerate() {
+                                let w = _mm512_set1_ps(p[h * n + t]);
+                                a[l] = _mm512_fmadd_ps(v, w, a[l]);
+                            }
+                        }
+                    }
+                }
+                for (chain, a) in chains.iter_mut().zip(&a) {
+                    chain[j][lb..lb + L].copy_from_slice(a);
+                }
+            }
+        }
+        for (h, chains) in chains.iter().enumerate() {
+            let lanes: [__m512; 16] = std::array::from_fn(|l| {
+                _mm512_add_ps(
+                    _mm512_add_ps(chains[0][l], chains[2][l]),
+                    _mm512_add_ps(chains[1][l], chains[3][l]),
+                )
+            });
+            let hh: [__m512; 8] = std::array::from_fn(|l| _mm512_add_ps(lanes[l + 8], lanes[l]));
+            let q: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(hh[l + 4], hh[l]));
+            let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+            let mut res = [0f32; 16];
+            // SAFETY: `res` holds 16 f32s.
+            unsafe { _mm512_storeu_ps(res.as_mut_ptr(), r) };
+            for (k, r) in res.iter().enumerate() {
+                let mut sum = f64::from(*r);
+                for t in vector_part..n {
+                    // SAFETY: t < n and i + k < d, inside the caller's values.
+                    let x = unsafe { elem::<HALF>(values, t * stride + offset + i + k) };
+                    sum += f64::from(x * p[h * n + t]);
+                }
+                out[h * d + i + k] = sum as f32;
+            }
         }
     }
 }
@@ -1103,6 +1322,61 @@ mod tests {
                         &p, half, stride, d, order, n_kv, &mut wide, &mut acc, &mut b,
                     );
                     assert_eq!(a, b, "weighted {order:?} d {d} n {n}");
+                }
+            }
+        }
+    }
+
+    /// The KV-head loops give every query head what the one-head loops give it, bit
+    /// for bit, in both orders, for group sizes past the loops' chunk of 4 heads.
+    #[test]
+    fn heads_of_one_kv_head_equal_heads_alone() {
+        for d in [64, 72, 80, 128] {
+            let stride = 3 * d;
+            for heads in 1..=6 {
+                let q = values(heads * d);
+                for n in [1, 5, 70, 130] {
+                    let mut keys = values(stride * n);
+                    round_to_f16(&mut keys);
+                    let mut bits = vec![0u16; keys.len()];
+                    narrow_to_f16(&keys, &mut bits);
+                    let kv = KvRun::F16(&bits);
+                    let (mut wide, mut acc) = (Vec::new(), Vec::new());
+                    for order in [Order::for_pass(2, d), Order::VecDot] {
+                        let out_stride = n + 3;
+                        let mut got = vec![7.0; heads * out_stride];
+                        attention_scores_kv_heads(
+                            &q, d, kv, stride, d, 0.125, order, &mut wide, n, &mut got, out_stride,
+                        );
+                        for h in 0..heads {
+                            let mut want = vec![0.0; n];
+                            let qh = &q[h * d..(h + 1) * d];
+                            attention_scores_kv(
+                                qh, kv, stride, d, 0.125, order, &mut wide, &mut want,
+                            );
+                            let row = &got[h * out_stride..h * out_stride + n];
+                            assert_eq!(row, &want[..], "scores d {d} heads {heads} n {n} head {h}");
+                        }
+                        let p = values(heads * n);
+                        let n_kv = n.next_multiple_of(32);
+                        let mut got = vec![0.0; heads * d];
+                        weighted_sum_kv_heads(
+                            &p, n, kv, stride, d, order, n_kv, &mut wide, &mut acc, d, &mut got,
+                        );
+                        for h in 0..heads {
+                            let mut want = vec![0.0; d];
+                            let ph = &p[h * n..(h + 1) * n];
+                            weighted_sum_kv(
+                                ph, kv, stride, d, order, n_kv, &mut wide, &mut acc, &mut want,
+                            );
+                            let row = &got[h * d..(h + 1) * d];
+                            assert_eq!(
+                                row,
+                                &want[..],
+                                "weighted d {d} heads {heads} n {n} head {h}"
+                            );
+                        }
+                    }
                 }
             }
         }
