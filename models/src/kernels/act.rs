@@ -40,9 +40,12 @@ pub(crate) struct Q8Block {
     /// Exact sum of `qs`.
     pub sum: i32,
     pub qs: [i8; QK8],
-    /// Exact sums of each 4 quants (ggml's eight lanes): the kernels subtract a
-    /// lane's own offset (Q4_0 -8, Q5_0 -16, Q8_0 stored +128) with them.
-    pub lanes: [i16; 8],
+    /// -128 times the exact sum of each 4 quants (ggml's eight lanes): where the
+    /// kernels read weights stored with an offset (Q8_0 as q + 128, Q4_0 and Q5_0
+    /// before their -8 / -16) they start lane z's integer dot at `starts[z]` (Q8_0)
+    /// or at it shifted right by 4 / 3 (exact: a multiple of 128), so the lane ends
+    /// at the signed dot. Kept scaled so the Q8_0 start is one broadcast load.
+    pub starts: [i32; 8],
 }
 
 /// One Q8_K super-block of 256 activations.
@@ -82,14 +85,19 @@ pub(crate) fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
         block.d = f16_round(d);
         block.s = f16_round(sum as f32 * d);
         block.sum = sum;
-        block.lanes = lane_sums(&block.qs);
+        block.starts = lane_starts(&block.qs);
     }
 }
 
-/// The sums of each 4 consecutive quants.
+/// -128 times the sum of each 4 consecutive quants ([`Q8Block::starts`]).
 #[inline(always)]
-pub(crate) fn lane_sums(qs: &[i8; QK8]) -> [i16; 8] {
-    std::array::from_fn(|z| qs[4 * z..4 * z + 4].iter().map(|&q| i16::from(q)).sum())
+pub(crate) fn lane_starts(qs: &[i8; QK8]) -> [i32; 8] {
+    std::array::from_fn(|z| {
+        -128 * qs[4 * z..4 * z + 4]
+            .iter()
+            .map(|&q| i32::from(q))
+            .sum::<i32>()
+    })
 }
 
 /// ggml's `nearest_int`: round to nearest, ties to even.
@@ -143,7 +151,7 @@ impl Q8Block {
         s: 0.0,
         sum: 0,
         qs: [0; QK8],
-        lanes: [0; 8],
+        starts: [0; 8],
     };
 }
 

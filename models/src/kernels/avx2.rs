@@ -212,7 +212,7 @@ fn quantize_q8_avx2(x: &[f32], out: &mut [Q8Block]) {
             block.d = half(d);
             block.s = half(total as f32 * d);
             block.sum = total;
-            block.lanes = super::act::lane_sums(&block.qs);
+            block.starts = super::act::lane_starts(&block.qs);
         }
     }
 }
@@ -379,9 +379,15 @@ unsafe fn kernel_32<const FMT: u8, const RW: usize, const R: usize>(
                     dot_u8_i8(ax, qy)
                 };
                 if offset != 0 {
-                    // Each lane's own offset, so every lane holds ggml's signed sum.
-                    let lanes = _mm256_cvtepi16_epi32(_mm_loadu_si128(y.lanes.as_ptr().cast()));
-                    p = _mm256_sub_epi32(p, _mm256_mullo_epi32(lanes, _mm256_set1_epi32(offset)));
+                    // Each lane's own offset (-offset x its quant sum = its start, -128 x
+                    // the sum, shifted), so every lane holds ggml's signed sum.
+                    let starts = _mm256_loadu_si256(y.starts.as_ptr().cast());
+                    let starts = if offset == 8 {
+                        _mm256_srai_epi32::<4>(starts)
+                    } else {
+                        _mm256_srai_epi32::<3>(starts)
+                    };
+                    p = _mm256_add_epi32(p, starts);
                 }
                 acc[i][r] =
                     _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(p), acc[i][r]);

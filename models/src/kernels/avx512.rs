@@ -231,12 +231,6 @@ unsafe fn rows_32<const FMT: u8, const N: usize>(
         FMT_Q5_0 => 352,
         _ => 544,
     };
-    let offset: i32 = match FMT {
-        FMT_Q4_0 => 8,
-        FMT_Q5_0 => 16,
-        FMT_Q8_0 => 128,
-        _ => 0,
-    };
     let nb = w.len() / pb;
     let wp = w.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); 8]; N];
@@ -265,8 +259,13 @@ unsafe fn rows_32<const FMT: u8, const N: usize>(
             let qs = y.qs.as_ptr();
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(y.d));
             for (z, &qz) in q.iter().enumerate() {
-                // Start the lane at its own offset times its 4 activation quants.
-                let start = _mm512_set1_epi32(-offset * i32::from(y.lanes[z]));
+                // Start the lane at -(its offset) times its 4 activation quants.
+                let start = match FMT {
+                    FMT_Q8_0 => _mm512_set1_epi32(y.starts[z]),
+                    FMT_Q4_0 => _mm512_srai_epi32::<4>(_mm512_set1_epi32(y.starts[z])),
+                    FMT_Q5_0 => _mm512_srai_epi32::<3>(_mm512_set1_epi32(y.starts[z])),
+                    _ => _mm512_setzero_si512(),
+                };
                 let s = _mm512_dpbusd_epi32(start, qz, act4(qs, z));
                 acc[r][z] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r][z]);
             }
