@@ -152,6 +152,13 @@ pub fn attention_scores_kv(
     }
     #[cfg(target_arch = "x86_64")]
     if let (Order::Gemm, true, KvRun::F16(k), Some(t)) =
+        (order, q.len().is_multiple_of(16), keys, Avx512::detect())
+    {
+        // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
+        return unsafe { scores_gemm_half_avx512(t, q, k.as_ptr(), stride, offset, scale, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::Gemm, true, KvRun::F16(k), Some(t)) =
         (order, q.len().is_multiple_of(16), keys, Avx2::detect())
     {
         // SAFETY: the token proves avx2/fma/f16c; the lengths are asserted.
@@ -190,6 +197,16 @@ pub fn weighted_sum_kv(
         return unsafe {
             weighted_avx512::<true>(t, p, v.as_ptr().cast(), stride, offset, n_kv, out)
         };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Order::Gemm, true, KvRun::F16(v), Some(t)) = (
+        order,
+        out.len().is_multiple_of(16),
+        values,
+        Avx512::detect(),
+    ) {
+        // SAFETY: as above.
+        return unsafe { weighted_gemm_half_avx512(t, p, v.as_ptr(), stride, offset, out) };
     }
     #[cfg(target_arch = "x86_64")]
     if let (Order::Gemm, true, KvRun::F16(v), Some(t)) =
@@ -1080,6 +1097,84 @@ unsafe fn weighted_gemm_half(
             *a = _mm256_fmadd_ps(at(whole + l, i), _mm256_set1_ps(w), *a);
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(i), reduce16(&a));
+    }
+}
+
+/// [`scores_gemm_half`] with AVX-512: each key's 16 lanes are one register (the same
+/// FMAs in the same order), eight keys at a time so their chains overlap.
+///
+/// # Safety
+/// AVX-512 as the token proves; `q.len()` a multiple of 16; every key `t < out.len()`,
+/// elements `t * stride + offset .. + q.len()`, inside the allocation `keys` points
+/// into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn scores_gemm_half_avx512(
+    _: Avx512,
+    q: &[f32],
+    keys: *const u16,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let keys = keys.cast::<u8>();
+    let mut t = 0;
+    for o in out.chunks_mut(8) {
+        let kn = o.len();
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for c in (0..d).step_by(16) {
+            let qc = _mm512_loadu_ps(q.as_ptr().add(c));
+            for (j, a) in acc.iter_mut().enumerate().take(kn) {
+                let k = load16::<true>(keys, (t + j) * stride + offset + c);
+                *a = _mm512_fmadd_ps(k, qc, *a);
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = reduce16_avx512(a) * scale;
+        }
+        t += kn;
+    }
+}
+
+/// [`weighted_gemm_half`] with AVX-512: sixteen outputs at a time in one register per
+/// chain (chain `t % 16` takes position `t`), then [`reduce16`] across the chains.
+///
+/// # Safety
+/// AVX-512 as the token proves; `out.len()` a multiple of 16; every value
+/// `t < p.len()`, elements `t * stride + offset .. + out.len()`, inside the allocation
+/// `values` points into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn weighted_gemm_half_avx512(
+    _: Avx512,
+    p: &[f32],
+    values: *const u16,
+    stride: usize,
+    offset: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (d, n) = (out.len(), p.len());
+    let values = values.cast::<u8>();
+    let at = |t: usize, i: usize| load16::<true>(values, t * stride + offset + i);
+    let whole = n / 16 * 16;
+    for i in (0..d).step_by(16) {
+        let mut a = [_mm512_setzero_ps(); 16];
+        for t0 in (0..whole).step_by(16) {
+            for (l, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(at(t0 + l, i), _mm512_set1_ps(p[t0 + l]), *a);
+            }
+        }
+        for (l, (a, &w)) in a.iter_mut().zip(&p[whole..]).enumerate() {
+            *a = _mm512_fmadd_ps(at(whole + l, i), _mm512_set1_ps(w), *a);
+        }
+        let h: [__m512; 8] = std::array::from_fn(|l| _mm512_add_ps(a[l + 8], a[l]));
+        let q: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(h[l + 4], h[l]));
+        let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+        _mm512_storeu_ps(out.as_mut_ptr().add(i), r);
     }
 }
 
