@@ -132,18 +132,7 @@ impl RopeTable {
     /// Rotates each head of `x` (`heads * head_dim` values) as row `row`.
     pub fn apply(&self, layout: RopeLayout, row: usize, x: &mut [f32], head_dim: usize) {
         let table = &self.values[row * self.pairs..(row + 1) * self.pairs];
-        for head in x.chunks_exact_mut(head_dim) {
-            for (i, &[cos, sin]) in table.iter().enumerate() {
-                let (a, b) = match layout {
-                    RopeLayout::Normal => (2 * i, 2 * i + 1),
-                    RopeLayout::Neox => (i, i + self.pairs),
-                };
-                let (x0, x1) = (head[a], head[b]);
-                // As ggml-cpu's compiled rope (GCC contracts each line into one FMA).
-                head[a] = x0.mul_add(cos, -(x1 * sin));
-                head[b] = x0.mul_add(sin, x1 * cos);
-            }
-        }
+        vector::rope(x, head_dim, table, matches!(layout, RopeLayout::Neox));
     }
 }
 

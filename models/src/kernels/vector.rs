@@ -428,6 +428,49 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     swiglu_portable(gate, up)
 }
 
+/// Rotates each head of `x` (heads of `head_dim` values) by the `[cos, sin]` of each
+/// pair in `table` (`head_dim / 2` of them): pair `i` is elements `(2i, 2i + 1)`, or
+/// `(i, i + head_dim / 2)` with `neox`. One FMA per output, as ggml-cpu's compiled rope
+/// (GCC contracts each line into one), so both builds give the same bits; the AVX2
+/// build only makes `mul_add` an instruction instead of a call.
+pub fn rope(x: &mut [f32], head_dim: usize, table: &[[f32; 2]], neox: bool) {
+    assert!(
+        table.len() * 2 == head_dim && x.len().is_multiple_of(head_dim),
+        "rope: {} values in heads of {head_dim} with {} pairs",
+        x.len(),
+        table.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = Avx2::detect() {
+        // SAFETY: as above.
+        return unsafe { rope_avx2(t, x, head_dim, table, neox) };
+    }
+    rope_portable(x, head_dim, table, neox)
+}
+
+#[inline(always)]
+fn rope_portable(x: &mut [f32], head_dim: usize, table: &[[f32; 2]], neox: bool) {
+    let pairs = table.len();
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, &[cos, sin]) in table.iter().enumerate() {
+            let (a, b) = if neox {
+                (i, i + pairs)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0.mul_add(cos, -(x1 * sin));
+            head[b] = x0.mul_add(sin, x1 * cos);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rope_avx2(_: Avx2, x: &mut [f32], head_dim: usize, table: &[[f32; 2]], neox: bool) {
+    rope_portable(x, head_dim, table, neox)
+}
+
 /// GCC's `_mm512_reduce_add_ps`: halves, then quarters, then pairs, then the last two.
 #[inline(always)]
 fn reduce16(a: &[f32; 16]) -> f32 {
