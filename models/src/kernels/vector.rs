@@ -264,9 +264,9 @@ pub fn attention_scores_kv_heads(
             // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
             unsafe {
                 match g {
-                    2 => scores_avx512_heads::<2>(t, q, k, stride, offset, scale, n, out, o),
-                    3 => scores_avx512_heads::<3>(t, q, k, stride, offset, scale, n, out, o),
-                    _ => scores_avx512_heads::<4>(t, q, k, stride, offset, scale, n, out, o),
+                    2 => scores_avx512_heads::<true, 2>(t, q, k, stride, offset, scale, n, out, o),
+                    3 => scores_avx512_heads::<true, 3>(t, q, k, stride, offset, scale, n, out, o),
+                    _ => scores_avx512_heads::<true, 4>(t, q, k, stride, offset, scale, n, out, o),
                 }
             }
             continue;
@@ -380,6 +380,11 @@ pub fn round_to_f16(x: &mut [f32]) {
 /// each group's sum reduced in f32 ([`reduce16`]) and accumulated in f64, and the
 /// values scaled by `1 / sum`. Masked entries (`-inf`) become 0.
 pub fn softmax(scores: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = Avx512::detect() {
+        // SAFETY: the token proves the AVX-512 features.
+        return unsafe { softmax_avx512(t, scores) };
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = Avx2::detect() {
         // SAFETY: as above.
@@ -824,7 +829,7 @@ fn weighted_sum_avx2(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn scores_avx512<const HALF: bool>(
-    _: Avx512,
+    t: Avx512,
     q: &[f32],
     keys: *const u8,
     stride: usize,
@@ -832,45 +837,9 @@ unsafe fn scores_avx512<const HALF: bool>(
     scale: f32,
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    let d = q.len();
-    let np = d / 64 * 64;
-    let finish = |t: usize, lanes: __m512| -> f32 {
-        let mut sum = f64::from(reduce16_avx512(lanes));
-        let base = t * stride + offset;
-        for (i, y) in q.iter().enumerate().skip(np) {
-            // SAFETY: i < d, and key t's run of d values lies inside the keys.
-            let x = unsafe { elem::<HALF>(keys, base + i) };
-            sum += f64::from(x * y);
-        }
-        sum as f32 * scale
-    };
-    let mut chunks = out.chunks_mut(4);
-    let mut t = 0;
-    for o in &mut chunks {
-        let kn = o.len();
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-        for s in (0..np).step_by(64) {
-            for (j, acc) in acc.iter_mut().enumerate().take(kn) {
-                // SAFETY: s + 64 <= d, and key t + j's run of d values lies inside
-                // `keys` (asserted by the caller).
-                unsafe {
-                    let k = (t + j) * stride + offset + s;
-                    let qp = q.as_ptr().add(s);
-                    for (c, a) in acc.iter_mut().enumerate() {
-                        let kv = load16::<HALF>(keys, k + 16 * c);
-                        *a = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qp.add(16 * c)), *a);
-                    }
-                }
-            }
-        }
-        for (j, o) in o.iter_mut().enumerate() {
-            let a = &acc[j];
-            let lanes = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-            *o = finish(t + j, lanes);
-        }
-        t += kn;
-    }
+    let n = out.len();
+    // SAFETY: the caller's contract is the one-head case of the heads loop's.
+    unsafe { scores_avx512_heads::<HALF, 1>(t, q, keys, stride, offset, scale, n, out, n) }
 }
 
 /// [`weighted`] in [`Order::VecDot`] with AVX-512, for 16 outputs at a time
@@ -900,25 +869,54 @@ unsafe fn weighted_avx512<const HALF: bool>(
     }
 }
 
-/// [`reduce16`] of one register: `a[i + 8] + a[i]`, then `[i + 4] + [i]`, then
-/// `(0 + 2) + (1 + 3)`.
+/// [`reduce16`] of 16 registers at once: lane `k` of the result is the sum of
+/// `v[k]`'s lanes, by the very same adds (`a[i + 8] + a[i]`, then `[i + 4] + [i]`,
+/// then `(0 + 2) + (1 + 3)`), done for several registers per instruction after
+/// shuffles instead of one register at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-fn reduce16_avx512(v: std::arch::x86_64::__m512) -> f32 {
+fn reduce16_x16(v: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let lo = _mm512_castps512_ps256(v);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-    let h = _mm256_add_ps(hi, lo);
-    let q4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
-    let t2 = _mm_add_ps(q4, _mm_movehl_ps(q4, q4));
-    _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    // Halves: registers 2p and 2p + 1 side by side, 8 sums each.
+    let a: [__m512; 8] = std::array::from_fn(|p| {
+        let (x, y) = (v[2 * p], v[2 * p + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(x, y),
+            _mm512_shuffle_f32x4::<0xEE>(x, y),
+        )
+    });
+    // Quarters: 128-bit lane j of b[p] = register 4p + j's 4 sums.
+    let b: [__m512; 4] = std::array::from_fn(|p| {
+        let (x, y) = (a[2 * p], a[2 * p + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(x, y),
+            _mm512_shuffle_f32x4::<0xDD>(x, y),
+        )
+    });
+    // (0 + 2) and (1 + 3): lane j of c[p] = [r.t0, r.t1, r'.t0, r'.t1] for registers
+    // r = 8p + j and r' = 8p + 4 + j.
+    let c: [__m512; 2] = std::array::from_fn(|p| {
+        let (x, y) = (b[2 * p], b[2 * p + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(x, y),
+            _mm512_shuffle_ps::<0xEE>(x, y),
+        )
+    });
+    // t0 + t1: element 4j + e holds register j + 4e; put register k at element k.
+    let d = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(c[0], c[1]),
+        _mm512_shuffle_ps::<0xDD>(c[0], c[1]),
+    );
+    let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(idx, d)
 }
 
-/// [`scores_avx512`] over half-precision keys for `G` query heads at once (`q` holds
-/// them one after the other): each key's registers are widened once and feed every
-/// head's own four chains, which see the very same FMAs in the same order as alone.
-/// Head `h`'s `n` scores go to `out[h * out_stride..]`.
+/// [`scores_avx512`] for `G` query heads at once (`q` holds them one after the other;
+/// `keys` f16 bits when `HALF`, else f32s): each key's registers are loaded (widened)
+/// once and feed every head's own four chains, which see the very same FMAs in the
+/// same order as alone; the 16-lane sums of 16 keys are then reduced together
+/// ([`reduce16_x16`]). Head `h`'s `n` scores go to `out[h * out_stride..]`.
 ///
 /// # Safety
 /// AVX-512 as the token proves; `q.len()` a multiple of `G`; every key `t < n`,
@@ -927,7 +925,7 @@ fn reduce16_avx512(v: std::arch::x86_64::__m512) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scores_avx512_heads<const G: usize>(
+unsafe fn scores_avx512_heads<const HALF: bool, const G: usize>(
     _: Avx512,
     q: &[f32],
     keys: *const u8,
@@ -941,31 +939,45 @@ unsafe fn scores_avx512_heads<const G: usize>(
     use std::arch::x86_64::*;
     let d = q.len() / G;
     let np = d / 64 * 64;
-    for t in 0..n {
-        let base = t * stride + offset;
-        let mut acc = [[_mm512_setzero_ps(); 4]; G];
-        for s in (0..np).step_by(64) {
-            // SAFETY: s + 64 <= d, inside key t's run and each head's query.
-            unsafe {
-                let kv: [__m512; 4] =
-                    std::array::from_fn(|c| load16::<true>(keys, base + s + 16 * c));
-                for (h, acc) in acc.iter_mut().enumerate() {
-                    let qp = q.as_ptr().add(h * d + s);
-                    for (c, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qp.add(16 * c)), *a);
+    // lanes[h][j]: head h's four chains added (0+2)+(1+3) for key t0 + j.
+    let mut lanes = [[_mm512_setzero_ps(); 16]; G];
+    for t0 in (0..n).step_by(16) {
+        let kn = 16.min(n - t0);
+        for j in 0..kn {
+            let base = (t0 + j) * stride + offset;
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            for s in (0..np).step_by(64) {
+                // SAFETY: s + 64 <= d, inside key t0 + j's run and each head's query.
+                unsafe {
+                    let kv: [__m512; 4] =
+                        std::array::from_fn(|c| load16::<HALF>(keys, base + s + 16 * c));
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        let qp = q.as_ptr().add(h * d + s);
+                        for (c, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qp.add(16 * c)), *a);
+                        }
                     }
                 }
             }
-        }
-        for (h, a) in acc.iter().enumerate() {
-            let lanes = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-            let mut sum = f64::from(reduce16_avx512(lanes));
-            for i in np..d {
-                // SAFETY: i < d, inside key t's run.
-                let x = unsafe { elem::<true>(keys, base + i) };
-                sum += f64::from(x * q[h * d + i]);
+            for (lanes, a) in lanes.iter_mut().zip(&acc) {
+                lanes[j] = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
             }
-            out[h * out_stride + t] = sum as f32 * scale;
+        }
+        for (h, lanes) in lanes.iter().enumerate() {
+            // Registers past `kn` hold stale values; their sums are not used.
+            let mut sums = [0f32; 16];
+            // SAFETY: `sums` holds 16 f32s.
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16_x16(lanes)) };
+            for (j, &x) in sums.iter().enumerate().take(kn) {
+                let base = (t0 + j) * stride + offset;
+                let mut sum = f64::from(x);
+                for i in np..d {
+                    // SAFETY: i < d, inside key t0 + j's run.
+                    let k = unsafe { elem::<HALF>(keys, base + i) };
+                    sum += f64::from(k * q[h * d + i]);
+                }
+                out[h * out_stride + t0 + j] = sum as f32 * scale;
+            }
         }
     }
 }
@@ -1144,7 +1156,8 @@ unsafe fn weighted_gemm_half(
 }
 
 /// [`scores_gemm_half`] with AVX-512: each key's 16 lanes are one register (the same
-/// FMAs in the same order), eight keys at a time so their chains overlap.
+/// FMAs in the same order), sixteen keys at a time so their chains overlap and their
+/// sums reduce together ([`reduce16_x16`]).
 ///
 /// # Safety
 /// AVX-512 as the token proves; `q.len()` a multiple of 16; every key `t < out.len()`,
@@ -1165,9 +1178,9 @@ unsafe fn scores_gemm_half_avx512(
     let d = q.len();
     let keys = keys.cast::<u8>();
     let mut t = 0;
-    for o in out.chunks_mut(8) {
+    for o in out.chunks_mut(16) {
         let kn = o.len();
-        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut acc = [_mm512_setzero_ps(); 16];
         for c in (0..d).step_by(16) {
             let qc = _mm512_loadu_ps(q.as_ptr().add(c));
             for (j, a) in acc.iter_mut().enumerate().take(kn) {
@@ -1175,8 +1188,10 @@ unsafe fn scores_gemm_half_avx512(
                 *a = _mm512_fmadd_ps(k, qc, *a);
             }
         }
-        for (o, a) in o.iter_mut().zip(acc) {
-            *o = reduce16_avx512(a) * scale;
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), reduce16_x16(&acc));
+        for (o, x) in o.iter_mut().zip(sums) {
+            *o = x * scale;
         }
         t += kn;
     }
@@ -1284,6 +1299,80 @@ fn widen_avx2(_: Avx2, x: &[u16], out: &mut [f32]) {
     }
     for (o, &v) in o.into_remainder().iter_mut().zip(c.remainder()) {
         *o = f16::from_bits(v).to_f32();
+    }
+}
+
+/// [`expf`] on 16 lanes: the same FMAs, products and exponent arithmetic, lane by
+/// lane, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn expf_x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
+    let r = c(0x4b40_0000);
+    let z = _mm512_fmadd_ps(x, c(0x3fb8_aa3b), r);
+    let n = _mm512_sub_ps(z, r);
+    let neg = _mm512_castsi512_ps(_mm512_xor_si512(
+        _mm512_castps_si512(n),
+        _mm512_set1_epi32(i32::MIN),
+    ));
+    let b = _mm512_fmadd_ps(neg, c(0x35bf_be8e), _mm512_fmadd_ps(neg, c(0x3f31_7200), x));
+    let u = _mm512_mul_ps(b, b);
+    let hi = _mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17));
+    let mid = _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb));
+    let lo = _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0));
+    let j = _mm512_fmadd_ps(_mm512_fmadd_ps(hi, u, mid), u, lo);
+    // j * 2^n by the exponent bits; outside [-125, 125], 0 or infinity.
+    let scaled = _mm512_castsi512_ps(_mm512_add_epi32(
+        _mm512_castps_si512(j),
+        _mm512_slli_epi32::<23>(_mm512_cvttps_epi32(n)),
+    ));
+    let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(125.0));
+    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(n, _mm512_setzero_ps());
+    let edge = _mm512_mask_blend_ps(above, _mm512_setzero_ps(), _mm512_set1_ps(f32::INFINITY));
+    _mm512_mask_blend_ps(big, scaled, edge)
+}
+
+/// [`softmax_portable`] with AVX-512: each group of 16 is one register through
+/// [`expf_x16`] (the partial last group loaded with masked entries, which become 0),
+/// sixteen groups' sums reduced together ([`reduce16_x16`]) and added to the f64 sum
+/// in group order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn softmax_avx512(_: Avx512, scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let vmax = _mm512_set1_ps(max);
+    let mut sum = 0f64;
+    let mut groups = [_mm512_setzero_ps(); 16];
+    for chunk in scores.chunks_mut(256) {
+        let k = chunk.len().div_ceil(16);
+        for (g, vals) in chunk.chunks_mut(16).enumerate() {
+            let m: __mmask16 = if vals.len() == 16 {
+                !0
+            } else {
+                (1u16 << vals.len()) - 1
+            };
+            // SAFETY: the mask covers `vals` only.
+            let x = unsafe {
+                _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, vals.as_ptr())
+            };
+            let e = expf_x16(_mm512_sub_ps(x, vmax));
+            // SAFETY: as above.
+            unsafe { _mm512_mask_storeu_ps(vals.as_mut_ptr(), m, e) };
+            groups[g] = e;
+        }
+        let mut sums = [0f32; 16];
+        // SAFETY: `sums` holds 16 f32s.
+        unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16_x16(&groups)) };
+        for s in &sums[..k] {
+            sum += f64::from(*s);
+        }
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in scores.iter_mut() {
+        *v *= inv;
     }
 }
 
@@ -1517,6 +1606,59 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The AVX-512 softmax (and its `expf`) gives the portable one's bits, partial last
+    /// groups, masked entries and values far outside `exp`'s range included.
+    #[test]
+    fn softmax_builds_agree_bit_for_bit() {
+        for n in [1, 5, 16, 17, 70, 255, 256, 300, 600] {
+            let mut x = values(n);
+            for (i, v) in x.iter_mut().enumerate() {
+                *v *= [1.0, 10.0, 40.0][i % 3];
+            }
+            x[0] = f32::NEG_INFINITY;
+            if n > 3 {
+                x[3] = -300.0;
+            }
+            let (mut a, mut b) = (x.clone(), x.clone());
+            softmax(&mut a);
+            softmax_portable(&mut b);
+            let (a, b): (Vec<u32>, Vec<u32>) = (
+                a.iter().map(|v| v.to_bits()).collect(),
+                b.iter().map(|v| v.to_bits()).collect(),
+            );
+            assert_eq!(a, b, "n {n}");
+        }
+    }
+
+    /// The 16-register reduction adds each register's lanes exactly as `reduce16`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn reduce16_of_sixteen_registers_is_reduce16_of_each() {
+        let Some(t) = Avx512::detect() else { return };
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        fn run(_: Avx512, x: &[f32]) -> [f32; 16] {
+            use std::arch::x86_64::*;
+            // SAFETY: x holds 256 values.
+            let v: [__m512; 16] =
+                std::array::from_fn(|k| unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * k)) });
+            let mut out = [0f32; 16];
+            // SAFETY: out holds 16 values.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), reduce16_x16(&v)) };
+            out
+        }
+        let mut x = values(256);
+        // Magnitudes far apart, so a different order of the adds would show.
+        for (i, v) in x.iter_mut().enumerate() {
+            *v *= [1.0, 1e-3, 1e4, 1e-7][i % 4];
+        }
+        // SAFETY: the token proves the features.
+        let got = unsafe { run(t, &x) };
+        for (k, g) in got.iter().enumerate() {
+            let r: &[f32; 16] = x[16 * k..16 * k + 16].try_into().unwrap_or(&[0.0; 16]);
+            assert_eq!(g.to_bits(), reduce16(r).to_bits(), "register {k}");
         }
     }
 
