@@ -1046,17 +1046,23 @@ unsafe fn weighted_avx512_heads<const HALF: bool, const G: usize, const L: usize
             let hh: [__m512; 8] = std::array::from_fn(|l| _mm512_add_ps(lanes[l + 8], lanes[l]));
             let q: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(hh[l + 4], hh[l]));
             let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
-            let mut res = [0f32; 16];
-            // SAFETY: `res` holds 16 f32s.
-            unsafe { _mm512_storeu_ps(res.as_mut_ptr(), r) };
-            for (k, r) in res.iter().enumerate() {
-                let mut sum = f64::from(*r);
-                for t in vector_part..n {
-                    // SAFETY: t < n and i + k < d, inside the caller's values.
-                    let x = unsafe { elem::<HALF>(values, t * stride + offset + i + k) };
-                    sum += f64::from(x * p[h * n + t]);
-                }
-                out[h * d + i + k] = sum as f32;
+            // The positions past the last whole step, in f64, output by output in
+            // position order (8 outputs to a register): each product rounded to f32
+            // first, as `weighted` adds them.
+            let upper =
+                |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            let mut lo = _mm512_cvtps_pd(_mm512_castps512_ps256(r));
+            let mut hi = _mm512_cvtps_pd(upper(r));
+            for t in vector_part..n {
+                let prod = _mm512_mul_ps(at(t, i), _mm512_set1_ps(p[h * n + t]));
+                lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(prod)));
+                hi = _mm512_add_pd(hi, _mm512_cvtps_pd(upper(prod)));
+            }
+            let o = out.as_mut_ptr().add(h * d + i);
+            // SAFETY: h * d + i + 16 <= out.len().
+            unsafe {
+                _mm256_storeu_ps(o, _mm512_cvtpd_ps(lo));
+                _mm256_storeu_ps(o.add(8), _mm512_cvtpd_ps(hi));
             }
         }
     }
