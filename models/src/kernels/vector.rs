@@ -1,8 +1,10 @@
 //! The f32 vector loops of a forward pass outside the matmuls (attention scores and
-//! weighted sums, half-precision rounding, SiLU-gated products), compiled twice: as
-//! portable code, and the same code with AVX2+FMA+F16C enabled, chosen at run time;
-//! the one-token attention loops ([`Order::VecDot`]) also have AVX-512 forms (one
-//! 16-lane chain a register), which perform the very same f32 operations.
+//! weighted sums, softmax, rope, half-precision rounding, SiLU-gated products),
+//! compiled twice: as portable code, and the same code with AVX2+FMA+F16C enabled,
+//! chosen at run time. The attention loops over the F16 cache (both orders) and
+//! softmax also have AVX-512 forms (one 16-lane chain a register, 16 keys' sums
+//! reduced together, several query heads of one KV head at once), which perform the
+//! very same f32 operations: each is tested bit for bit against the portable loop.
 //!
 //! Owns the numerics of those loops. Invariants: both builds compute the same
 //! formulas; they may differ only in f32 summation order and in fused multiply-adds
