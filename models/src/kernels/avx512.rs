@@ -23,7 +23,9 @@
 //! With more than two activation rows, a kernel also prefetches the next packed
 //! group (the next tile of its thread's range) while it computes this one (the
 //! 32-value kernels spread those prefetches over their passes): a hint that changes
-//! no result.
+//! no result. The 4-bit 32-value kernels then unpack each block once: the first
+//! pass over the group saves the unpacked registers and widened scales in a
+//! thread-local scratch, the later passes load them.
 
 #![allow(unsafe_code)]
 
@@ -201,14 +203,69 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
     // overlaps this group's arithmetic without one pass issuing every prefetch (with
     // one pass the hardware prefetcher does as well).
     let passes = if R > 2 { R.div_ceil(2) } else { 0 };
+    if passes > 1 && FMT != FMT_Q8_0 {
+        // The 4-bit formats: the first pass saves its unpacked registers and widened
+        // scales, the later passes load them rather than unpack again (unpacking is
+        // a sixth of a pass's vector work; the load ports have room to spare).
+        let mut saved = SAVED.with(|b| b.take());
+        let regs = w.len() / packed_block_bytes_of::<FMT>() * SAVED_REGS;
+        if saved.len() < regs {
+            // Every register a later pass loads, the first pass stores first.
+            saved.resize(regs, _mm512_setzero_si512());
+        }
+        let sp = saved.as_mut_ptr();
+        let [a, b] = rows_32::<FMT, 2, SAVE>(w, [acts[0], acts[1]], Fetch(0, passes), sp);
+        (out[0], out[1]) = (a, b);
+        let mut r = 2;
+        while r + 2 <= R {
+            let pair = [acts[r], acts[r + 1]];
+            let [a, b] = rows_32::<FMT, 2, FROM_SAVED>(w, pair, Fetch(r / 2, passes), sp);
+            (out[r], out[r + 1]) = (a, b);
+            r += 2;
+        }
+        if r < R {
+            [out[r]] = rows_32::<FMT, 1, FROM_SAVED>(w, [acts[r]], Fetch(r / 2, passes), sp);
+        }
+        SAVED.with(|b| b.replace(saved));
+        return;
+    }
+    let none = std::ptr::null_mut();
     let mut r = 0;
     while r + 2 <= R {
-        let [a, b] = rows_32::<FMT, 2>(w, [acts[r], acts[r + 1]], Fetch(r / 2, passes));
+        let pair = [acts[r], acts[r + 1]];
+        let [a, b] = rows_32::<FMT, 2, UNPACK>(w, pair, Fetch(r / 2, passes), none);
         (out[r], out[r + 1]) = (a, b);
         r += 2;
     }
     if r < R {
-        [out[r]] = rows_32::<FMT, 1>(w, [acts[r]], Fetch(r / 2, passes));
+        [out[r]] = rows_32::<FMT, 1, UNPACK>(w, [acts[r]], Fetch(r / 2, passes), none);
+    }
+}
+
+/// Registers one block of a 4-bit group keeps in [`SAVED`]: its 8 quant registers,
+/// its scales and (Q4_1) its mins, widened to f32.
+const SAVED_REGS: usize = 10;
+
+thread_local! {
+    /// The unpacked blocks of the group a [`kernel_32`] call is passing over (taken
+    /// out while in use), kept for the next call's allocation.
+    static SAVED: std::cell::Cell<Vec<__m512i>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Where a [`rows_32`] pass takes a block's registers from: unpacked from the packed
+/// group; unpacked and saved for the later passes; loaded as an earlier pass saved
+/// them.
+const UNPACK: u8 = 0;
+const SAVE: u8 = 1;
+const FROM_SAVED: u8 = 2;
+
+/// Bytes of one packed block of 16 rows of format `FMT`.
+const fn packed_block_bytes_of<const FMT: u8>() -> usize {
+    match FMT {
+        FMT_Q4_0 => 288,
+        FMT_Q4_1 => 320,
+        FMT_Q5_0 => 352,
+        _ => 544,
     }
 }
 
@@ -220,40 +277,62 @@ struct Fetch(usize, usize);
 /// `N` activation rows of [`kernel_32`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_32<const FMT: u8, const N: usize>(
+unsafe fn rows_32<const FMT: u8, const N: usize, const SRC: u8>(
     w: &[u8],
     acts: [&[Q8Block]; N],
     fetch: Fetch,
+    saved: *mut __m512i,
 ) -> [[f32; 16]; N] {
-    let pb = match FMT {
-        FMT_Q4_0 => 288,
-        FMT_Q4_1 => 320,
-        FMT_Q5_0 => 352,
-        _ => 544,
-    };
+    let pb = packed_block_bytes_of::<FMT>();
     let nb = w.len() / pb;
     let wp = w.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); 8]; N];
     let mut summs = [_mm512_setzero_ps(); N];
+    // This pass's share of each block's lines in the next group.
+    let lines = pb.div_ceil(64);
+    let (lo, hi) = match fetch {
+        Fetch(pass, passes @ 1..) => (pass * lines / passes, (pass + 1) * lines / passes),
+        _ => (0, 0),
+    };
     for b in 0..nb {
         let wb = wp.add(b * pb);
-        if let Fetch(pass, passes @ 1..) = fetch {
-            // The lines of this block's twin in the next group, split between passes.
-            let lines = pb.div_ceil(64);
-            let (lo, hi) = (pass * lines / passes, (pass + 1) * lines / passes);
+        if hi > lo {
+            // The lines of this block's twin in the next group.
             prefetch(wb.wrapping_add(w.len() + 64 * lo), 64 * (hi - lo));
         }
-        let q = match FMT {
-            FMT_Q8_0 => std::array::from_fn(|z| _mm512_loadu_si512(wb.add(32 + 64 * z).cast())),
-            FMT_Q4_0 => nibbles(wb.add(32)),
-            FMT_Q4_1 => nibbles(wb.add(64)),
-            _ => {
-                let mut q = nibbles(wb.add(96));
-                add_fifth_bits(&mut q, wb.add(32));
-                q
+        let sb = saved.wrapping_add(b * SAVED_REGS);
+        let (q, dw, mw): ([__m512i; 8], __m512, __m512) = if SRC == FROM_SAVED {
+            (
+                std::array::from_fn(|z| _mm512_load_si512(sb.add(z).cast())),
+                _mm512_castsi512_ps(_mm512_load_si512(sb.add(8).cast())),
+                _mm512_castsi512_ps(_mm512_load_si512(sb.add(9).cast())),
+            )
+        } else {
+            let q = match FMT {
+                FMT_Q8_0 => std::array::from_fn(|z| _mm512_loadu_si512(wb.add(32 + 64 * z).cast())),
+                FMT_Q4_0 => nibbles(wb.add(32)),
+                FMT_Q4_1 => nibbles(wb.add(64)),
+                _ => {
+                    let mut q = nibbles(wb.add(96));
+                    add_fifth_bits(&mut q, wb.add(32));
+                    q
+                }
+            };
+            let dw = f16x16(wb);
+            let mw = if FMT == FMT_Q4_1 {
+                f16x16(wb.add(32))
+            } else {
+                _mm512_setzero_ps()
+            };
+            if SRC == SAVE {
+                for (z, &qz) in q.iter().enumerate() {
+                    _mm512_store_si512(sb.add(z).cast(), qz);
+                }
+                _mm512_store_si512(sb.add(8).cast(), _mm512_castps_si512(dw));
+                _mm512_store_si512(sb.add(9).cast(), _mm512_castps_si512(mw));
             }
+            (q, dw, mw)
         };
-        let dw = f16x16(wb);
         for r in 0..N {
             let y = &*acts[r].as_ptr().add(b);
             let qs = y.qs.as_ptr();
@@ -270,7 +349,7 @@ unsafe fn rows_32<const FMT: u8, const N: usize>(
                 acc[r][z] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r][z]);
             }
             if FMT == FMT_Q4_1 {
-                summs[r] = _mm512_fmadd_ps(f16x16(wb.add(32)), _mm512_set1_ps(y.s), summs[r]);
+                summs[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(y.s), summs[r]);
             }
         }
     }

@@ -16,7 +16,8 @@
 //!    yields 16 rows' partial dots, each weight register unpacked once for up to 8
 //!    activation rows (the K formats) or 2 (the 32-value formats, whose eight lane
 //!    chains per row fill the registers; with more rows they pass over the group, in
-//!    L1, again and prefetch the next one); rows past the last whole group of 16 stay
+//!    L1, again, the 4-bit ones loading the registers the first pass unpacked, and
+//!    prefetch the next group); rows past the last whole group of 16 stay
 //!    in GGUF layout and run on the AVX2 kernels;
 //! 4. the output columns (weight rows) are split across rayon's pool in contiguous
 //!    ranges of whole 16-row tiles, as ggml splits by rows; inside a range, a tile
