@@ -204,6 +204,8 @@ pub fn attend_heads(
         n - masked,
         &mut scores[masked..],
         n,
+        // The values the weighted sum reads next, from the same positions.
+        Some(values.skip(masked * stride)),
     );
     for row in scores.chunks_exact_mut(n) {
         softmax(row);

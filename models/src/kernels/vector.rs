@@ -112,6 +112,14 @@ impl KvRun<'_> {
         self.len() == 0
     }
 
+    /// The run past its first `elems` elements (empty past the end).
+    pub fn skip(&self, elems: usize) -> Self {
+        match *self {
+            KvRun::F32(x) => KvRun::F32(x.get(elems..).unwrap_or_default()),
+            KvRun::F16(x) => KvRun::F16(x.get(elems..).unwrap_or_default()),
+        }
+    }
+
     /// The values as f32: borrowed, or widened into `buf`.
     fn widen<'b>(&'b self, buf: &'b mut Vec<f32>) -> &'b [f32] {
         match *self {
@@ -229,6 +237,10 @@ const MAX_HEADS: usize = 4;
 /// `out[h * out_stride..][..n]`. Each head's scores are what [`attention_scores_kv`]
 /// gives it alone, bit for bit: the AVX-512 one-token loop widens each half-precision
 /// key once for up to [`MAX_HEADS`] heads and keeps every head's chains as they are.
+///
+/// `prefetch`, a half-precision run laid out as the keys (the values the caller
+/// reads next), has each key's row hinted into L2 as the AVX-512 loop reads the
+/// key: the weighted sum then finds its strided rows in cache. A hint only.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_scores_kv_heads(
     q: &[f32],
@@ -242,6 +254,7 @@ pub fn attention_scores_kv_heads(
     n: usize,
     out: &mut [f32],
     out_stride: usize,
+    prefetch: Option<KvRun<'_>>,
 ) {
     let heads = q.len() / d.max(1);
     assert!(
@@ -258,17 +271,34 @@ pub fn attention_scores_kv_heads(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let fast: Option<((), ())> = None;
+    // Rows of `prefetch` the loop hints into cache beside each key: a hint, so any
+    // address is sound; only half-precision runs as long as the keys take it.
+    #[cfg(target_arch = "x86_64")]
+    let pf = match prefetch {
+        Some(KvRun::F16(v)) if n == 0 || (n - 1) * stride + offset + d <= v.len() => {
+            v.as_ptr().cast::<u8>()
+        }
+        _ => std::ptr::null(),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = prefetch;
     for (h, g) in head_chunks(heads, fast.is_some()) {
         #[cfg(target_arch = "x86_64")]
         if let (Some((t, k)), 2..) = (fast, g) {
             let (q, out) = (&q[h * d..(h + g) * d], &mut out[h * out_stride..]);
-            let o = out_stride;
+            let (o, f) = (out_stride, if h == 0 { pf } else { std::ptr::null() });
             // SAFETY: the token proves the AVX-512 features; the lengths are asserted.
             unsafe {
                 match g {
-                    2 => scores_avx512_heads::<true, 2>(t, q, k, stride, offset, scale, n, out, o),
-                    3 => scores_avx512_heads::<true, 3>(t, q, k, stride, offset, scale, n, out, o),
-                    _ => scores_avx512_heads::<true, 4>(t, q, k, stride, offset, scale, n, out, o),
+                    2 => {
+                        scores_avx512_heads::<true, 2>(t, q, k, stride, offset, scale, n, out, o, f)
+                    }
+                    3 => {
+                        scores_avx512_heads::<true, 3>(t, q, k, stride, offset, scale, n, out, o, f)
+                    }
+                    _ => {
+                        scores_avx512_heads::<true, 4>(t, q, k, stride, offset, scale, n, out, o, f)
+                    }
                 }
             }
             continue;
@@ -841,7 +871,20 @@ unsafe fn scores_avx512<const HALF: bool>(
 ) {
     let n = out.len();
     // SAFETY: the caller's contract is the one-head case of the heads loop's.
-    unsafe { scores_avx512_heads::<HALF, 1>(t, q, keys, stride, offset, scale, n, out, n) }
+    unsafe {
+        scores_avx512_heads::<HALF, 1>(
+            t,
+            q,
+            keys,
+            stride,
+            offset,
+            scale,
+            n,
+            out,
+            n,
+            std::ptr::null(),
+        )
+    }
 }
 
 /// [`weighted`] in [`Order::VecDot`] with AVX-512, for 16 outputs at a time
@@ -937,16 +980,25 @@ unsafe fn scores_avx512_heads<const HALF: bool, const G: usize>(
     n: usize,
     out: &mut [f32],
     out_stride: usize,
+    prefetch: *const u8,
 ) {
     use std::arch::x86_64::*;
     let d = q.len() / G;
     let np = d / 64 * 64;
+    let elem_bytes = if HALF { 2 } else { 4 };
     // lanes[h][j]: head h's four chains added (0+2)+(1+3) for key t0 + j.
     let mut lanes = [[_mm512_setzero_ps(); 16]; G];
     for t0 in (0..n).step_by(16) {
         let kn = 16.min(n - t0);
         for j in 0..kn {
             let base = (t0 + j) * stride + offset;
+            if !prefetch.is_null() {
+                // The first and last byte of the same row of `prefetch` (a hint: no
+                // fault, whatever the address).
+                let row = prefetch.wrapping_add(base * elem_bytes);
+                _mm_prefetch::<_MM_HINT_T1>(row.cast());
+                _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(d * elem_bytes - 1).cast());
+            }
             let mut acc = [[_mm512_setzero_ps(); 4]; G];
             for s in (0..np).step_by(64) {
                 // SAFETY: s + 64 <= d, inside key t0 + j's run and each head's query.
@@ -1580,8 +1632,20 @@ mod tests {
                     for order in [Order::for_pass(2, d), Order::VecDot] {
                         let out_stride = n + 3;
                         let mut got = vec![7.0; heads * out_stride];
+                        // The keys hint themselves: a prefetch changes no score.
                         attention_scores_kv_heads(
-                            &q, d, kv, stride, d, 0.125, order, &mut wide, n, &mut got, out_stride,
+                            &q,
+                            d,
+                            kv,
+                            stride,
+                            d,
+                            0.125,
+                            order,
+                            &mut wide,
+                            n,
+                            &mut got,
+                            out_stride,
+                            Some(kv),
                         );
                         for h in 0..heads {
                             let mut want = vec![0.0; n];
