@@ -13,6 +13,8 @@
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 use half::f16;
 
 use crate::kernels::vector;
@@ -52,8 +54,27 @@ pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
 
 /// SiLU-gated product `out = silu(gate) * up` (ggml `swiglu`, its vectorised `expf`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    vector::swiglu(gate, up)
+    split_gated(gate, up, vector::swiglu)
 }
+
+/// Runs an element-wise gated activation `f(gate, up)` over pieces of the two
+/// slices: on rayon's pool, two whole 16-value pieces per thread, for at least
+/// [`PARALLEL_MIN_ELEMENTS`] elements (a batch's rows); else in one call. Each
+/// element's value is its own, so the split changes none.
+fn split_gated(gate: &mut [f32], up: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    let threads = rayon::current_num_threads();
+    if gate.len() < PARALLEL_MIN_ELEMENTS || threads < 2 || gate.len() != up.len() {
+        return f(gate, up);
+    }
+    let piece = gate.len().div_ceil(2 * threads).next_multiple_of(16);
+    gate.par_chunks_mut(piece)
+        .zip(up.par_chunks(piece))
+        .for_each(|(g, u)| f(g, u));
+}
+
+/// Element-wise work of at least this many values (a batch of several rows) is
+/// split across rayon's pool; less (one row) runs on the calling thread.
+const PARALLEL_MIN_ELEMENTS: usize = 4096;
 
 fn gelu_f32(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -77,6 +98,10 @@ fn gelu_table() -> &'static [u16] {
 /// (-10, 10) the input is rounded to half precision and looked up in ggml's table of
 /// half-precision results.
 pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    split_gated(gate, up, geglu_serial)
+}
+
+fn geglu_serial(gate: &mut [f32], up: &[f32]) {
     let table = gelu_table();
     for (g, &u) in gate.iter_mut().zip(up) {
         let x = *g;

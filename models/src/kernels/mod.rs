@@ -641,8 +641,9 @@ thread_local! {
     static Q8K_BUF: std::cell::Cell<Vec<Q8KBlock>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Activations at least this long are quantized on rayon's pool (prefill chunks).
-const PARALLEL_MIN_QUANT: usize = 1 << 14;
+/// Activations at least this long are quantized on rayon's pool (prefill chunks, and
+/// the rows of a batched decode step; one row stays on the calling thread).
+const PARALLEL_MIN_QUANT: usize = 1 << 12;
 
 /// Quantizes `x` into `out` (blocks of `block` values) with `f`, split over rayon's
 /// pool in whole blocks when `x` is long: the same blocks as one call, since every
