@@ -274,7 +274,13 @@ const fn packed_block_bytes_of<const FMT: u8>() -> usize {
 #[derive(Clone, Copy)]
 struct Fetch(usize, usize);
 
-/// `N` activation rows of [`kernel_32`].
+/// `N` activation rows of [`kernel_32`], taking each block's registers as `SRC` says.
+///
+/// # Safety
+/// As [`kernel_32`]; with `SRC` [`SAVE`] or [`FROM_SAVED`], `saved` points at
+/// [`SAVED_REGS`] 64-byte-aligned registers per block of `w`, which a `SAVE` pass over
+/// the same group has written before any `FROM_SAVED` pass reads them (with
+/// [`UNPACK`] it is not read).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
 unsafe fn rows_32<const FMT: u8, const N: usize, const SRC: u8>(
