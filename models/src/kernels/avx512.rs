@@ -20,7 +20,7 @@
 //! sub-block sums with `vpmulld`, mins use `vpdpwssd` with Q8_K's `bsums`, one FMA
 //! chain for each). Every kernel equals the scalar one bit for bit.
 //!
-//! With more than two activation rows, a kernel also prefetches the next packed
+//! With two or more activation rows, a kernel also prefetches the next packed
 //! group (the next tile of its thread's range) while it computes this one (the
 //! 32-value kernels spread those prefetches over their passes): a hint that changes
 //! no result. The 4-bit 32-value kernels then unpack each block once: the first
@@ -198,11 +198,12 @@ unsafe fn kernel_32<const FMT: u8, const R: usize>(
 ) {
     // Two activation rows at a time (each weight register unpacked once for both):
     // 2 x (8 lane chains + Q4_1's chain) stay in registers.
-    // With several passes over the group, each pass also prefetches its share of the
-    // next packed group (the next tile of a thread's contiguous range), so that load
-    // overlaps this group's arithmetic without one pass issuing every prefetch (with
-    // one pass the hardware prefetcher does as well).
-    let passes = if R > 2 { R.div_ceil(2) } else { 0 };
+    // From two rows on, each pass also prefetches its share of the next packed group
+    // (the next tile of a thread's contiguous range), so that load overlaps this
+    // group's arithmetic without one pass issuing every prefetch. With one row the
+    // hardware prefetcher keeps up; with two (one pass, twice one row's arithmetic per
+    // byte) it did not: a 2-row SmolLM2 step took longer than a 4-row one.
+    let passes = if R >= 2 { R.div_ceil(2) } else { 0 };
     if passes > 1 && FMT != FMT_Q8_0 {
         // The 4-bit formats: the first pass saves its unpacked registers and widened
         // scales, the later passes load them rather than unpack again (unpacking is
@@ -389,8 +390,8 @@ unsafe fn kernel_q45k<const FIVE: bool, const PROMPT: bool, const R: usize>(
     for b in 0..nb {
         let wb = wp.add(b * pb);
         // The same block of the next packed group, loading while this one computes
-        // (worth its instructions only with several activation rows).
-        if R > 2 {
+        // (worth its instructions from two activation rows on).
+        if R >= 2 {
             prefetch(wb.wrapping_add(w.len()), pb);
         }
         let dw = f16x16(wb);
@@ -461,8 +462,8 @@ unsafe fn kernel_q6k<const R: usize>(w: &[u8], acts: &[&[Q8KBlock]], out: &mut G
     for b in 0..nb {
         let wb = wp.add(b * PB);
         // The same block of the next packed group, loading while this one computes
-        // (worth its instructions only with several activation rows).
-        if R > 2 {
+        // (worth its instructions from two activation rows on).
+        if R >= 2 {
             prefetch(wb.wrapping_add(w.len()), PB);
         }
         let mut lanes = [[_mm512_setzero_si512(); 8]; R];
